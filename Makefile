@@ -1,0 +1,43 @@
+# `make demo` and `make test` each do all set-up on a fresh machine, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test test-fast bench clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST without internet: the Debian/Ubuntu package. Skipped when RAYROBUST_DATA is set.
+data:
+	@if [ -n "$$RAYROBUST_DATA" ] || [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST not found: install dataset-fashion-mnist, set RAYROBUST_DATA, or add 'data: {download: true}'"; \
+	fi
+
+demo: setup
+	$(VENV)/bin/rayrobust pipeline --config configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray and not slow"
+
+bench: setup
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf runs .pytest_cache

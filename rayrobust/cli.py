@@ -1,0 +1,133 @@
+"""The `rayrobust` command line: `rayrobust <command> --config FILE --set key=value ...`.
+
+A user error prints one line (`rayrobust: error: ...`) and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML experiment config (see configs/)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=2 --set eval.eps=0.2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayrobust", description=(
+        "Train adversarially robust image classifiers on Ray and evaluate them with AutoAttack."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train one method on Ray Train (resumes the run in its run directory)",
+                       description="Train cfg.train.method on Ray Train; writes <run_dir>/<method>/checkpoints/ and metrics.jsonl.")
+    _common(p)
+    p.add_argument("--method", help="shorthand for --set train.method=NAME")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint: clean, PGD and sharded AutoAttack with sanity flags",
+                       description="Evaluate a checkpoint (default: the latest of cfg.train.method in the run directory).")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: latest in <run_dir>/<method>/checkpoints)")
+    p.add_argument("--method", help="shorthand for --set train.method=NAME")
+    p.add_argument("--out", metavar="PATH", help="where to write the JSON result (default: <run_dir>/<method>/eval.json)")
+
+    p = sub.add_parser("pipeline", help="train and evaluate every method of the config, print a table, write summary.json",
+                       description="Run all stages for every method in cfg.methods and write <run_dir>/summary.json.")
+    _common(p)
+
+    p = sub.add_parser("config", help="print the resolved config as JSON", description="Validate and print the config.")
+    _common(p)
+
+    sub.add_parser("list", help="list registered datasets, models, methods and attacks",
+                   description="List the names the registries accept.")
+    return parser
+
+
+def _load(args) -> "ExperimentConfig":  # noqa: F821
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "method", None):
+        overrides.append(f"train.method={args.method}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from .pipeline import method_dir
+    from .train import fit
+
+    cfg = _load(args)
+    result = fit(cfg, method_dir(cfg, cfg.train.method))
+    last = result.metrics[-1] if result.metrics else {}
+    print(json.dumps({"checkpoint": str(result.checkpoint), "epochs": result.epochs,
+                      "last_epoch": {k: v for k, v in last.items() if isinstance(v, (int, float))}}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import latest_valid_checkpoint
+    from .errors import CheckpointError
+    from .evaluation import evaluate_checkpoint
+    from .pipeline import method_dir
+
+    cfg = _load(args)
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        ckpt = latest_valid_checkpoint(method_dir(cfg, cfg.train.method) / "checkpoints")
+        if ckpt is None:
+            raise CheckpointError(f"no checkpoint in {method_dir(cfg, cfg.train.method) / 'checkpoints'}; "
+                                  "run `rayrobust train` first or pass --checkpoint")
+    out = Path(args.out) if args.out else method_dir(cfg, cfg.train.method) / "eval.json"
+    res = evaluate_checkpoint(cfg, ckpt, out)
+    keys = ("method", "eps", "n_eval", "clean_acc", "pgd_acc", "n_autoattack", "autoattack_acc", "flags")
+    print(json.dumps({k: res[k] for k in keys}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(_load(args))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(json.dumps(_load(args).to_dict(), indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .attacks import ATTACKS
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+
+    for title, reg in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS), ("attacks", ATTACKS)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "pipeline": cmd_pipeline, "config": cmd_config, "list": cmd_list}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .errors import RayRobustError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RayRobustError as e:
+        print(f"rayrobust: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayrobust: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

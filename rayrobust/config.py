@@ -1,0 +1,246 @@
+"""Experiment configuration: one validated dataclass per stage, composed into `ExperimentConfig`.
+
+Values come from YAML files in `configs/` and `--set section.key=value` overrides. Every field
+states its unit; every check names the field, the value and the fix.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", overrides=["train.epochs=1", "eval.eps=0.2"])
+    >>> cfg.train.epochs
+    1
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields, asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_eps(name: str, value: float) -> None:
+    _check(
+        0.0 < value <= 1.0,
+        f"{name}={value} is outside (0, 1]: budgets are in [0,1] pixel units (e.g. 0.1 for Fashion-MNIST, 0.0314 for 8/255)",
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # dataset registry name (see `rayrobust.data.DATASETS`)
+    root: Optional[str] = None  # directory with the files; None = $RAYROBUST_DATA, system package, or ./data
+    download: bool = False  # allow torchvision to download when files are missing
+    train_limit: Optional[int] = None  # use only the first N training images (None = all)
+    val_size: int = 500  # images held out of training for per-epoch validation
+
+    def __post_init__(self) -> None:
+        _check(self.train_limit is None or self.train_limit > 0, f"data.train_limit={self.train_limit} must be a positive integer or null")
+        _check(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"  # model registry name (see `rayrobust.models.MODELS`)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "pgd_at"  # method registry name (see `rayrobust.methods.METHODS`)
+    epochs: int = 3
+    batch_size: int = 128  # global batch, split across Ray Train workers
+    lr: float = 0.05  # SGD learning rate for the global batch, peak of a one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 0.1  # L-inf training budget in [0,1] pixel units
+    attack_steps: int = 7  # PGD steps for pgd_at / trades (step 2.5*eps/steps)
+    trades_beta: float = 6.0  # TRADES KL weight
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: Optional[bool] = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: int = 1  # CPUs reserved per worker; torch uses this many threads
+    amp: bool = False  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    max_failures: int = 2  # Ray Train restarts the run from the latest checkpoint this many times
+    val_pgd_steps: int = 10  # PGD steps of the per-epoch validation attack
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _check_eps("train.eps", self.eps)
+        _check(self.attack_steps >= 1, f"train.attack_steps={self.attack_steps} must be >= 1")
+        _check(self.num_workers >= 1, f"train.num_workers={self.num_workers} must be >= 1")
+        _check(self.cpus_per_worker >= 1, f"train.cpus_per_worker={self.cpus_per_worker} must be >= 1")
+        _check(self.max_failures >= 0, f"train.max_failures={self.max_failures} must be >= 0")
+        _check(self.batch_size >= self.num_workers, f"train.batch_size={self.batch_size} must be >= train.num_workers={self.num_workers}")
+
+
+@dataclass
+class EvalConfig:
+    eps: float = 0.1  # L-inf evaluation budget in [0,1] pixel units
+    norm: str = "Linf"  # Linf or L2
+    n_eval: int = 1000  # test images for clean and PGD accuracy
+    n_autoattack: int = 200  # the first n of those images also get AutoAttack (0 = skip, labelled)
+    pgd_steps: int = 20
+    pgd_restarts: int = 1
+    batch_size: int = 250
+    num_shards: int = 2  # Ray actors sharing AutoAttack by example (one GPU each when available)
+    checks: bool = True  # run the sanity checks and attach their flags
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_eps("eval.eps", self.eps)
+        _check(self.norm in ("Linf", "L2"), f"eval.norm={self.norm!r} must be 'Linf' or 'L2'")
+        _check(self.n_eval >= 1, f"eval.n_eval={self.n_eval} must be >= 1")
+        _check(0 <= self.n_autoattack <= self.n_eval, f"eval.n_autoattack={self.n_autoattack} must be between 0 and eval.n_eval={self.n_eval}")
+        _check(self.pgd_steps >= 1 and self.pgd_restarts >= 1, "eval.pgd_steps and eval.pgd_restarts must be >= 1")
+        _check(self.num_shards >= 1, f"eval.num_shards={self.num_shards} must be >= 1")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    run_dir: str = "runs/default"  # every artifact of the experiment goes under here
+    methods: List[str] = field(default_factory=lambda: ["standard", "fgsm_rs", "pgd_at"])  # `pipeline` trains each
+    ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start a local one
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.methods) >= 1, "methods must list at least one method")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _valid_keys(cls) -> List[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _unknown_key(key: str, valid: List[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys in {where}: {', '.join(valid)}")
+
+
+def _coerce(cls, key: str, value: Any) -> Any:
+    """Coerce a YAML/CLI value to the dataclass field's declared type, with a clear error."""
+    hint = get_type_hints(cls)[key]
+    text = str(hint)
+    if value is None:
+        if "Optional" in text or "None" in text:
+            return None
+        raise ConfigError(f"{cls.__name__.replace('Config', '').lower()}.{key} cannot be null")
+    try:
+        if hint is bool or text.endswith("Optional[bool]") or "bool" in text and "int" not in text:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "yes", "1", "on"):
+                    return True
+                if low in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int or "Optional[int]" in text:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if "List[str]" in text:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        return value if not isinstance(value, (int, float)) or hint is not str else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {text}") from None
+
+
+def _build(cls, raw: Dict[str, Any], where: str):
+    valid = _valid_keys(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise _unknown_key(f"{where}.{key}" if where else key, valid, where or "the top level")
+        kwargs[key] = _coerce(cls, key, value)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
+    raw = dict(raw or {})
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sub = raw.pop(name, None) or {}
+        if not isinstance(sub, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {sub!r}")
+        sections[name] = _build(cls, sub, name)
+    top_valid = [f.name for f in fields(ExperimentConfig) if f.name not in SECTIONS]
+    top = {}
+    for key, value in raw.items():
+        if key not in top_valid:
+            raise _unknown_key(key, top_valid + list(SECTIONS), "the top level")
+        top[key] = _coerce(ExperimentConfig, key, value)
+    return ExperimentConfig(**top, **sections)
+
+
+def _set_dotted(raw: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1:
+        top_valid = [f.name for f in fields(ExperimentConfig) if f.name not in SECTIONS]
+        if key not in top_valid:
+            # A bare field name that exists in exactly one section (e.g. `method`, `epochs`).
+            owners = [s for s, cls in SECTIONS.items() if key in _valid_keys(cls)]
+            if len(owners) == 1:
+                parts = [owners[0], key]
+            elif len(owners) > 1:
+                raise ConfigError(f"config key {key!r} is ambiguous; write one of: {', '.join(f'{o}.{key}' for o in owners)}")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] not in SECTIONS):
+        raise ConfigError(f"unknown config key {key!r}; sections are: {', '.join(SECTIONS)}")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.epochs=2)")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> ExperimentConfig:
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; see configs/ for examples")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that re-runs validation."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,174 @@
+"""Honest evaluation of any classifier: clean, PGD (labelled weaker) and AutoAttack accuracy, with flags.
+
+`evaluate(model, dataset, eps=...)` takes any `torch.nn.Module` mapping [0,1] images to logits.
+AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) runs sharded over Ray actors.
+The sanity checks of EVALUATION.md §4 run next to every number; a failed one becomes a flag.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..attacks import create_attack
+from ..attacks.autoattack import AA_STANDARD, summarize_autoattack
+from ..attacks.checks import (check_robust_le_clean, check_square_vs_whitebox, failed, run_model_checks)
+from ..errors import ConfigError
+from ..io import provenance, sha256_file, write_json
+
+DatasetLike = Union[str, Tuple[torch.Tensor, torch.Tensor], Any]
+
+
+def _as_tensors(dataset: DatasetLike, n: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    if isinstance(dataset, str):
+        from ..data import load_dataset
+
+        ds = load_dataset(dataset, "test", limit=n)
+        return ds.x, ds.y, ds.name
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+        x, y = dataset
+        return torch.as_tensor(x)[:n], torch.as_tensor(y)[:n], "tensors"
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        return dataset.x[:n], dataset.y[:n], getattr(dataset, "name", "dataset")
+    raise ConfigError("dataset must be a dataset name, an (x, y) pair of tensors, or a rayrobust ArrayDataset")
+
+
+def _validate_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.ndim != 4:
+        raise ConfigError(f"images must be a (N,C,H,W) tensor, got shape {tuple(x.shape)}")
+    if x.min() < 0 or x.max() > 1:
+        raise ConfigError("images must be in [0,1]; put any normalisation inside the model")
+    if len(x) != len(y):
+        raise ConfigError(f"{len(x)} images but {len(y)} labels")
+
+
+def _pgd_accuracy(model: nn.Module, x, y, *, eps, norm, steps, restarts, seed, batch_size) -> Tuple[float, float]:
+    attack = create_attack("pgd", model, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
+    clean = adv = 0
+    for s in range(0, len(x), batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        with torch.no_grad():
+            clean += (model(xb).argmax(1) == yb).sum().item()
+        xa = attack.perturb(xb, yb)
+        with torch.no_grad():
+            adv += (model(xa).argmax(1) == yb).sum().item()
+    return clean / len(x), adv / len(x)
+
+
+def _printer(enabled: bool, label: str):
+    def progress(done: int, total: int) -> None:
+        if enabled:
+            print(f"  [{label}] AutoAttack chunk {done}/{total}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: DatasetLike,
+    *,
+    eps: float = 0.1,
+    norm: str = "Linf",
+    n: int = 1000,
+    n_autoattack: int = 200,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    seed: int = 0,
+    num_shards: int = 2,
+    batch_size: int = 250,
+    chunk_size: int = 50,
+    checks: bool = True,
+    version: str = "standard",
+    label: str = "model",
+    ray_address: Optional[str] = None,
+    verbose: bool = True,
+) -> Dict[str, Any]:
+    """Evaluate `model` (logits from [0,1] images) on the first `n` test images.
+
+    Example:
+        >>> res = rayrobust.evaluate(my_model, "fashion_mnist", eps=0.1, n=500, n_autoattack=100)
+        >>> res["autoattack_acc"], res["flags"]
+    """
+    from ..raycluster import ensure_ray
+    from .sharded import sharded_autoattack
+
+    if not 0 < eps <= 1:
+        raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+    if not 0 <= n_autoattack <= n:
+        raise ConfigError(f"n_autoattack={n_autoattack} must be between 0 and n={n}")
+    x, y, ds_name = _as_tensors(dataset, n)
+    _validate_inputs(x, y)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    x, y = x.to(device), y.to(device)
+    t0 = time.perf_counter()
+    clean_acc, pgd_acc = _pgd_accuracy(model, x, y, eps=eps, norm=norm, steps=pgd_steps, restarts=pgd_restarts,
+                                       seed=seed, batch_size=batch_size)
+    if verbose:
+        print(f"  [{label}] clean {clean_acc:.4f}  PGD-{pgd_steps} {pgd_acc:.4f}  (n={len(x)}, {time.perf_counter() - t0:.1f}s)",
+              file=sys.stderr, flush=True)
+    result: Dict[str, Any] = {
+        "label": label, "dataset": ds_name, "eps": eps, "norm": norm, "n_eval": len(x),
+        "clean_acc": clean_acc, "pgd_acc": pgd_acc,
+        "pgd": {"attack": f"PGD-{pgd_steps} on cross-entropy, {pgd_restarts} restart(s), random start",
+                "steps": pgd_steps, "restarts": pgd_restarts, "strength": "weaker than AutoAttack"},
+        "n_autoattack": n_autoattack, "autoattack_acc": None, "autoattack": None,
+    }
+    flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
+    if n_autoattack:
+        ensure_ray(ray_address)
+        xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
+        attacks = AA_STANDARD if version == "standard" else None
+        aa = sharded_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
+                                chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
+        model.to(device)
+        summary = summarize_autoattack(aa["broken_by"], attacks or list(dict.fromkeys(b for b in aa["broken_by"] if b)))
+        result["autoattack_acc"] = summary["robust"]
+        result["autoattack"] = {"version": version, "per_attack": summary, "seed": seed, "n": n_autoattack,
+                                "num_shards": aa["num_shards"], "chunk_size": chunk_size,
+                                "seconds": aa["seconds"], "workers": aa["workers"], "nodes": aa["nodes"]}
+        flags.append(check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}))
+        flags.append(check_square_vs_whitebox(summary))
+        if verbose:
+            print(f"  [{label}] AutoAttack {summary['robust']:.4f} on n={n_autoattack} ({aa['seconds']:.1f}s)",
+                  file=sys.stderr, flush=True)
+    if checks:
+        n_checks = min(len(x), max(n_autoattack, 200))
+        model_flags, measurements = run_model_checks(model, x[:n_checks], y[:n_checks], eps=eps, norm=norm, seed=seed,
+                                                     batch_size=batch_size)
+        flags += model_flags
+        result["measurements"] = measurements
+    result["checks"] = [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in flags]
+    result["flags"] = failed(flags) + ([] if n_autoattack else ["autoattack_skipped"])
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def evaluate_checkpoint(cfg, checkpoint: Union[str, Path], out_path: Optional[Union[str, Path]] = None,
+                        *, label: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluate a rayrobust checkpoint with `cfg.eval` through its method's decision function."""
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..data import load_dataset
+    from ..methods import create_method
+
+    payload = load_checkpoint(checkpoint)
+    method_name = payload["config"]["train"]["method"]
+    model = model_from_checkpoint(checkpoint)
+    tc = payload["config"]["train"]
+    decision = create_method(method_name, eps=tc["eps"], steps=tc["attack_steps"]).decision(model)
+    ec = cfg.eval
+    data_name = payload["config"]["data"]["name"]
+    ds = load_dataset(data_name, "test", root=cfg.data.root, download=cfg.data.download, limit=ec.n_eval)
+    res = evaluate(decision, ds, eps=ec.eps, norm=ec.norm, n=ec.n_eval, n_autoattack=ec.n_autoattack,
+                   pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
+                   batch_size=ec.batch_size, checks=ec.checks, label=label or method_name, ray_address=cfg.ray_address)
+    res["method"] = method_name
+    res["provenance"] = provenance(config=cfg.to_dict(), seed=ec.seed, checkpoint=str(checkpoint),
+                                   checkpoint_sha256=sha256_file(checkpoint), trained_with=payload["config"])
+    if out_path is not None:
+        write_json(out_path, res)
+    return res

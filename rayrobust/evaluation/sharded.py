@@ -1,0 +1,109 @@
+"""AutoAttack sharded by example over Ray actors.
+
+The examples are cut into fixed chunks by global index and chunk k is attacked with the seed
+`chunk_seed(seed, k)`, so the result does not depend on how many actors share the work or which
+actor runs which chunk: a sharded run equals an unsharded one. Actors pull chunks from a queue
+(faster actors take more); a lost actor is restarted by Ray and its chunk retried.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..attacks.autoattack import autoattack_chunk, chunk_plan, chunk_seed
+
+
+class AutoAttackWorker:
+    """Holds the model on its device and attacks chunks. Plain class; made an actor at the call site."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_kwargs: Dict, threads: Optional[int] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.x, self.y = x, y
+        self.kwargs = attack_kwargs
+
+    def attack(self, chunk_index: int, start: int, stop: int, seed: int) -> tuple:
+        import os
+
+        broken = autoattack_chunk(self.model, self.x[start:stop].to(self.device), self.y[start:stop].to(self.device),
+                                  seed=chunk_seed(seed, chunk_index), device=self.device, **self.kwargs)
+        return chunk_index, broken, os.getpid(), _node_id()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def _node_id() -> Optional[str]:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+def sharded_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "Linf",
+    version: str = "standard",
+    attacks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    chunk_size: int = 50,
+    num_shards: int = 2,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Dict:
+    """AutoAttack over `num_shards` Ray actors; returns {"broken_by": [...], "workers": {...}, "seconds": s}."""
+    import ray
+
+    plan = chunk_plan(len(x), chunk_size)
+    num_shards = max(1, min(num_shards, len(plan)))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per_actor = {"num_gpus": 1} if gpus >= num_shards else {"num_cpus": 1}
+    Worker = ray.remote(max_restarts=2, max_task_retries=2, **per_actor)(AutoAttackWorker)
+    kwargs = {"eps": eps, "norm": norm, "version": version, "attacks": list(attacks) if attacks else None}
+    model_ref, x_ref, y_ref = ray.put(model.cpu()), ray.put(x.cpu()), ray.put(y.cpu())
+    threads = None if "num_gpus" in per_actor else 1
+    actors = [Worker.remote(model_ref, x_ref, y_ref, kwargs, threads) for _ in range(num_shards)]
+    broken: List[Optional[str]] = [None] * len(x)
+    workers: Dict[str, int] = {}
+    nodes: Dict[str, int] = {}
+    t0 = time.perf_counter()
+    try:
+        queue = list(enumerate(plan))
+        pending = {}
+        for actor in actors:
+            if queue:
+                k, (s, e) = queue.pop(0)
+                pending[actor.attack.remote(k, s, e, seed)] = actor
+        done = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            k, chunk_broken, pid, node = ray.get(ready[0])
+            s, e = plan[k]
+            broken[s:e] = chunk_broken
+            workers[str(pid)] = workers.get(str(pid), 0) + (e - s)
+            if node:
+                nodes[node] = nodes.get(node, 0) + (e - s)
+            done += 1
+            if progress:
+                progress(done, len(plan))
+            if queue:
+                k, (s, e) = queue.pop(0)
+                pending[actor.attack.remote(k, s, e, seed)] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return {"broken_by": broken, "workers": workers, "nodes": nodes, "seconds": time.perf_counter() - t0,
+            "num_shards": num_shards, "chunk_size": chunk_size}

@@ -1,0 +1,97 @@
+"""Baselines every claim is measured against (METHODS.md §0): standard, PGD-AT, TRADES, FGSM-RS."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .base import METHODS, Method
+from .perturb import attack_mode, ce_objective, kl_objective, linf_pgd
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+class _Adversarial(Method):
+    adversarial = True
+
+    def __init__(self, eps: float = 0.1, steps: int = 7, **_):
+        if not 0 < eps <= 1:
+            raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+        if steps < 1:
+            raise ConfigError(f"steps={steps} must be >= 1")
+        self.eps = eps  # L-inf budget in [0,1] pixel units
+        self.steps = steps
+
+
+@METHODS.register("standard")
+class Standard(Method):
+    """Cross-entropy on clean data."""
+
+    name = "standard"
+
+    def __init__(self, **_):
+        pass
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"train_acc": _accuracy(logits, y)}
+
+
+@METHODS.register("pgd_at")
+class PGDAT(_Adversarial):
+    """Madry et al. 2018: CE on PGD-k examples, random start, step 2.5*eps/k."""
+
+    name = "pgd_at"
+
+    def loss(self, model, x, y):
+        with attack_mode(model) as bare:
+            x_adv = linf_pgd(bare, x, ce_objective(y), eps=self.eps, step=2.5 * self.eps / self.steps, steps=self.steps)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"train_adv_acc": _accuracy(logits, y)}
+
+
+@METHODS.register("trades")
+class TRADES(_Adversarial):
+    """Zhang et al. 2019: CE(clean) + beta * KL(p(x) || p(x_adv)), x_adv from k-step PGD on the KL."""
+
+    name = "trades"
+
+    def __init__(self, eps: float = 0.1, steps: int = 7, beta: float = 6.0, **_):
+        super().__init__(eps=eps, steps=steps)
+        if beta < 0:
+            raise ConfigError(f"trades beta={beta} must be >= 0")
+        self.beta = beta
+
+    def loss(self, model, x, y):
+        with attack_mode(model) as bare:
+            clean_eval = bare(x).detach()
+            x_adv = linf_pgd(
+                bare, x, kl_objective(clean_eval), eps=self.eps, step=2.5 * self.eps / self.steps,
+                steps=self.steps, random_start=True,
+            )
+        logits = model(torch.cat([x, x_adv]))  # (2N, classes): one pass for both terms
+        clean, adv = logits.chunk(2)
+        kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+        loss = F.cross_entropy(clean, y) + self.beta * kl
+        return loss, {"train_acc": _accuracy(clean, y), "train_adv_acc": _accuracy(adv, y)}
+
+
+@METHODS.register("fgsm_rs")
+class FGSMRS(_Adversarial):
+    """Wong et al. 2020: one FGSM step of 1.25*eps from a uniform random start."""
+
+    name = "fgsm_rs"
+
+    def __init__(self, eps: float = 0.1, **_):
+        super().__init__(eps=eps, steps=1)
+
+    def loss(self, model, x, y):
+        with attack_mode(model) as bare:
+            x_adv = linf_pgd(bare, x, ce_objective(y), eps=self.eps, step=1.25 * self.eps, steps=1)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"train_adv_acc": _accuracy(logits, y)}

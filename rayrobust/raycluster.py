@@ -1,0 +1,31 @@
+"""Connecting to Ray: an existing cluster (RAY_ADDRESS, `ray start`, a `ray job submit` driver) or a local one."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, quiet: bool = True) -> None:
+    """Initialise Ray once. address None: RAY_ADDRESS if set, else a new local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"logging_level": "WARNING", "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))

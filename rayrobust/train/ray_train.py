@@ -1,0 +1,224 @@
+"""Ray Train (V2) wrapper around the training loop.
+
+`fit(cfg, method, run_dir)` runs `TorchTrainer` with `cfg.train.num_workers` workers. Rank 0
+writes a checkpoint per epoch to `<run_dir>/checkpoints/` (atomic, safe format) and the metrics
+history to `<run_dir>/metrics.jsonl`. Every (re)start of the worker function — a user's resume or a
+Ray Train restart after a lost worker — continues from the newest valid checkpoint there; epoch
+batches and RNG are seeded by (seed, epoch) so a resumed run replays an uninterrupted one.
+The run directory must be on storage every node sees (NFS) for multi-node runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..checkpoint import checkpoint_name, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from ..config import ExperimentConfig, config_from_dict
+from ..errors import CheckpointError, ConfigError, RayRobustError
+from ..io import provenance, write_json
+from ..raycluster import ensure_ray
+
+# What must match for a checkpoint to be continued by a new `fit` call.
+_IDENTITY = (("train", "method"), ("model", "name"), ("data", "name"), ("train", "eps"), ("train", "seed"))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    epochs: int
+    metrics: List[Dict[str, Any]]  # one dict per epoch
+    resumed_from: Optional[int]  # epoch the run continued from (None = started fresh)
+
+
+def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    raw = cfg.to_dict()
+    raw["train"]["method"] = method
+    return config_from_dict(raw)
+
+
+def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
+    """The newest checkpoint's payload if the run can continue from it; an error if it belongs to another run."""
+    latest = latest_valid_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return None
+    payload = load_checkpoint(latest)
+    old, new = payload["config"], cfg.to_dict()
+    for section, key in _IDENTITY:
+        if old[section][key] != new[section][key]:
+            raise ConfigError(
+                f"{run_dir} holds a run with {section}.{key}={old[section][key]!r}, not {new[section][key]!r}; "
+                "use another run_dir (--set run_dir=...) or delete the old one"
+            )
+    return payload
+
+
+def _worker_loop(loop_config: Dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ..data import load_dataset
+    from ..methods import create_method
+    from ..models import create_model
+    from .loop import make_optimizer, train_epoch, train_val_split, validate
+
+    cfg = config_from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
+
+    ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=cfg.data.train_limit)
+    data = train_val_split(ds.x, ds.y, cfg.data.val_size, seed=tc.seed)
+    model = create_model(cfg.model.name, num_classes=ds.num_classes, in_channels=ds.shape[0],
+                         input_size=ds.shape[1], mean=ds.mean, std=ds.std)
+    optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
+    history: List[Dict[str, Any]] = []
+    start_epoch = 0
+    latest = latest_valid_checkpoint(run_dir / "checkpoints")
+    if latest is not None:
+        payload = load_checkpoint(latest)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        history, start_epoch = list(payload["history"]), int(payload["epoch"])
+        if log:
+            log(f"resuming from {latest.name} (epoch {start_epoch}/{tc.epochs})")
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    method = create_method(tc.method, eps=tc.eps, steps=tc.attack_steps, beta=tc.trades_beta)
+    amp_dtype = torch.bfloat16 if tc.amp and device.type == "cuda" else None
+    bare = getattr(model, "module", model)
+    meta = {"name": cfg.model.name, "num_classes": ds.num_classes, "in_channels": ds.shape[0],
+            "input_size": ds.shape[1], "mean": list(ds.mean), "std": list(ds.std)}
+
+    for epoch in range(start_epoch, tc.epochs):
+        torch.manual_seed(tc.seed * 1_000 + epoch * 10 + rank)  # attack random starts replay on resume
+        t0 = time.perf_counter()
+        stats = train_epoch(
+            model, method, optimizer, data, epoch=epoch, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+            seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
+            channels_last=tc.channels_last, log=log,
+        )
+        metrics = {"epoch": epoch + 1, **stats}
+        if rank == 0 and len(data.x_val):
+            metrics.update(validate(bare, data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
+                                    pgd_steps=tc.val_pgd_steps, seed=tc.seed))
+        metrics["seconds"] = time.perf_counter() - t0
+        if rank == 0:
+            history.append(metrics)
+            path = run_dir / "checkpoints" / checkpoint_name(epoch + 1)
+            save_checkpoint(path, {
+                "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "config": cfg.to_dict(),
+                "model_meta": meta,
+                "provenance": provenance(seed=tc.seed, world_size=world, device=str(device)),
+            })
+            _write_metrics(run_dir / "metrics.jsonl", history)
+            log(_epoch_line(metrics, tc.epochs))
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def _write_metrics(path: Path, history: List[Dict[str, Any]]) -> None:
+    from ..io import atomic_path
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+
+
+def _epoch_line(m: Dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m['loss']:.4f}"]
+    parts += [f"{k.removeprefix('val_').removesuffix('_acc')} {v:.3f}" for k, v in m.items() if k.startswith("val_")]
+    parts += [f"{m['images_per_s']:.0f} img/s", f"{m['seconds']:.1f}s"]
+    return "  ".join(parts)
+
+
+def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = None) -> TrainResult:
+    """Train `method` (default cfg.train.method) on Ray Train; continue the run in `run_dir` if one is there."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if method is not None:
+        cfg = method_config(cfg, method)
+    from ..methods import METHODS
+    from ..models import MODELS
+    from ..data import DATASETS
+
+    METHODS.get(cfg.train.method), MODELS.get(cfg.model.name), DATASETS.get(cfg.data.name)  # fail fast on names
+    run_dir = Path(run_dir).resolve()
+    payload = check_resumable(run_dir, cfg)
+    resumed_from = int(payload["epoch"]) if payload else None
+    if payload and resumed_from >= cfg.train.epochs:
+        print(f"[{cfg.train.method}] {run_dir} already holds {resumed_from} epoch(s); reusing its checkpoint", flush=True)
+    else:
+        _preflight_data(cfg)
+        ensure_ray(cfg.ray_address)
+        use_gpu = _use_gpu(cfg)
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=f"train-{cfg.train.method}", storage_path=str(run_dir / "ray"),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # surface a user error from inside a worker as itself
+            raise _unwrap(e) from None
+    latest = latest_valid_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise RayRobustError(f"training finished but no checkpoint is in {run_dir / 'checkpoints'}")
+    payload = load_checkpoint(latest)
+    write_json(run_dir / "train.json", {"checkpoint": str(latest), "epochs": payload["epoch"],
+                                        "metrics": payload["history"], "provenance": payload["provenance"],
+                                        "config": payload["config"]})
+    return TrainResult(run_dir, latest, int(payload["epoch"]), list(payload["history"]), resumed_from)
+
+
+def _preflight_data(cfg: ExperimentConfig) -> None:
+    """Load the dataset once on the driver so a missing dataset is a clear error, not a worker crash."""
+    from ..data import load_dataset
+
+    load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=1)
+
+
+def _use_gpu(cfg: ExperimentConfig) -> bool:
+    if cfg.train.use_gpu is not None:
+        return cfg.train.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    seen = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, RayRobustError):
+            return cur
+        for attr in ("cause", "error", "_error"):
+            inner = getattr(cur, attr, None)
+            if isinstance(inner, BaseException):
+                cur = inner
+                break
+        else:
+            cur = cur.__cause__ or cur.__context__
+    text = str(e)
+    for cls in (CheckpointError, ConfigError):
+        marker = cls.__name__ + ": "
+        if marker in text:
+            return cls(text.split(marker, 1)[1].splitlines()[0])
+    return e
