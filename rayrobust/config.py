@@ -93,6 +93,7 @@ class EvalConfig:
     pgd_restarts: int = 1
     batch_size: int = 250
     num_shards: int = 2  # Ray actors sharing AutoAttack by example (one GPU each when available)
+    chunk_size: int = 100  # examples per AutoAttack chunk; results depend on it, not on num_shards
     checks: bool = True  # run the sanity checks and attach their flags
     seed: int = 0
 
@@ -103,6 +104,7 @@ class EvalConfig:
         _check(0 <= self.n_autoattack <= self.n_eval, f"eval.n_autoattack={self.n_autoattack} must be between 0 and eval.n_eval={self.n_eval}")
         _check(self.pgd_steps >= 1 and self.pgd_restarts >= 1, "eval.pgd_steps and eval.pgd_restarts must be >= 1")
         _check(self.num_shards >= 1, f"eval.num_shards={self.num_shards} must be >= 1")
+        _check(self.chunk_size >= 1, f"eval.chunk_size={self.chunk_size} must be >= 1")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
 
 

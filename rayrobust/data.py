@@ -223,8 +223,8 @@ class CifarSpec:
     folder: str  # directory inside the data root
     files: dict  # split -> batch file names
     meta: str  # file with the class names
-    label_key: bytes  # b"labels" or b"fine_labels"
-    names_key: bytes  # b"label_names" or b"fine_label_names"
+    label_key: str  # "labels" or "fine_labels"
+    names_key: str  # "label_names" or "fine_label_names"
     num_classes: int
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
@@ -233,15 +233,19 @@ class CifarSpec:
 
 CIFAR10 = CifarSpec("cifar10", "cifar-10-batches-py",
                     {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
-                    "batches.meta", b"labels", b"label_names", 10,
+                    "batches.meta", "labels", "label_names", 10,
                     (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10")
 CIFAR100 = CifarSpec("cifar100", "cifar-100-python", {"train": ["train"], "test": ["test"]},
-                     "meta", b"fine_labels", b"fine_label_names", 100,
+                     "meta", "fine_labels", "fine_label_names", 100,
                      (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "CIFAR100")
 
 
 def _unpickle(path: Path) -> dict:
-    """Load one CIFAR batch. These are pickles: only read files from a source you trust."""
+    """Load one CIFAR batch or meta file as a dict with str keys.
+
+    The official files are Python 2 pickles whose keys load as bytes with encoding="bytes"
+    (str keys, from files re-saved by Python 3, are accepted too). These are pickles: only read
+    files from a source you trust."""
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")
@@ -252,16 +256,16 @@ def _unpickle(path: Path) -> dict:
                         f"truncated or corrupt, re-download it") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict in a CIFAR batch, got {type(obj).__name__}")
-    return obj
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
 def _read_cifar_batch(path: Path, spec: CifarSpec) -> Tuple[np.ndarray, np.ndarray]:
     """One batch -> images (N, 3, 32, 32) uint8 and labels (N,) int64."""
     batch = _unpickle(path)
-    if b"data" not in batch or spec.label_key not in batch:
+    if "data" not in batch or spec.label_key not in batch:
         raise DataError(f"{path}: not a {spec.name} batch (keys {sorted(batch)}; "
-                        f"need b'data' and {spec.label_key!r})")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)  # (N, 3072), rows are R then G then B planes
+                        f"need 'data' and {spec.label_key!r})")
+    data = np.asarray(batch["data"], dtype=np.uint8)  # (N, 3072), rows are R then G then B planes
     labels = np.asarray(batch[spec.label_key], dtype=np.int64)  # (N,)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise DataError(f"{path}: data {data.shape} / labels {labels.shape} are not (N, 3072) / (N,)")

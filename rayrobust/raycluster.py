@@ -5,8 +5,12 @@ import os
 from typing import Optional
 
 
-def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None, quiet: bool = True) -> None:
-    """Initialise Ray once. address None: RAY_ADDRESS if set, else a new local cluster."""
+def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None) -> None:
+    """Initialise Ray once. address None: RAY_ADDRESS if set, else a new local cluster.
+
+    A local cluster starts the dashboard (http://127.0.0.1:8265) unless RAYROBUST_DASHBOARD=0;
+    Ray Train's state monitoring relies on it.
+    """
     import ray
 
     if ray.is_initialized():
@@ -16,7 +20,8 @@ def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        dashboard = os.environ.get("RAYROBUST_DASHBOARD", "1") != "0"
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
 
 
 def cluster_cpus() -> int:

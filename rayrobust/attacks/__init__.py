@@ -6,8 +6,8 @@ numbers we report, and the sanity checks of EVALUATION.md §4.
     >>> x_adv = atk.perturb(x, y)
 """
 from ..registry import Registry
-from .pgd import (FGSM, PGD, Attack, accuracy, eval_mode, frozen_params, model_device,
-                  perturbation_norm, robust_accuracy)
+from .pgd import (FGSM, PGD, Attack, accuracy, eval_mode, frozen_params, input_grad,
+                  model_device, perturbation_norm, robust_accuracy)
 
 ATTACKS: Registry[Attack] = Registry("attack")
 ATTACKS.register("fgsm")(FGSM)
@@ -19,7 +19,7 @@ from .checks import Flag, failed, run_model_checks  # noqa: E402
 
 __all__ = [
     "ATTACKS", "Attack", "FGSM", "PGD", "accuracy", "robust_accuracy", "eval_mode",
-    "frozen_params", "model_device", "perturbation_norm",
+    "frozen_params", "input_grad", "model_device", "perturbation_norm",
     "AA_ATTACKS", "AA_STANDARD", "autoattack_chunk", "chunk_plan", "chunk_seed", "run_autoattack",
     "summarize_autoattack", "Flag", "failed", "run_model_checks",
 ]

@@ -127,7 +127,7 @@ def _orchestrate(aa, x, y, seed) -> Tuple[List[Optional[str]], torch.Tensor]:
 
 def _verify(model, x, x_adv, y, broken_by, eps, norm) -> None:
     """Every claimed adversarial example must be in the ball, in [0,1] and misclassified."""
-    size = perturbation_norm(x_adv - x, norm) if norm != "L1" else (x_adv - x).flatten(1).abs().sum(1)
+    size = perturbation_norm(x_adv - x, norm)
     bad_ball = (size > eps + BALL_TOL).nonzero().squeeze(1).tolist()
     bad_box = ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1).nonzero().squeeze(1).tolist()
     claimed = torch.tensor([b is not None for b in broken_by], device=y.device)
@@ -201,7 +201,8 @@ def attacks_for(version: str = "standard", attacks: Optional[Sequence[str]] = No
 
 def summarize_autoattack(broken_by: Sequence[Optional[str]],
                          attacks: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """{"n", "clean", "<attack>" (robust accuracy after it, cumulative), ..., "robust"}, fractions."""
+    """{"n", "clean", "<attack>" (robust accuracy after it, cumulative), ..., "robust"}
+    as fractions of n (n itself is a count)."""
     attacks = list(attacks) if attacks is not None else AA_STANDARD
     unknown = {b for b in broken_by if b is not None and b != "clean" and b not in attacks}
     if unknown:

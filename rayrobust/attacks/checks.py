@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pgd import PGD, accuracy, eval_mode, model_device, robust_accuracy
+from .pgd import PGD, accuracy, eval_mode, input_grad, model_device, robust_accuracy
 
 ACC_SLACK = 1e-9  # float slack when comparing accuracies that should be ordered
+MANY_RESTARTS = 2  # restarts of the 5x-steps PGD probe (the few-steps probe has 1)
 LARGE_EPS = {"Linf": 0.5}  # reaches the all-grey image from any input; L2: 0.5*sqrt(d), below
 
 
@@ -96,8 +97,7 @@ def check_square_vs_whitebox(aa_summary: Mapping[str, float], tol: float = 0.0) 
 def _input_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone().requires_grad_(True)
     loss = F.cross_entropy(model(x), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
-    return grad
+    return input_grad(loss, x)
 
 
 def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -153,10 +153,10 @@ def run_model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
                      batch_size: int = 250) -> Tuple[List[Flag], Dict]:
     """Model-level checks plus PGD probes, in eval mode (restored afterwards).
 
-    PGD-`pgd_steps` at eps/2, eps, 2*eps and a very large eps; PGD with 5x steps and 3 restarts at
-    eps. Returns (flags, measurements): measurements hold every accuracy the flags were computed
-    from (keys: clean, pgd_by_eps {eps: acc}, large_eps, pgd_large_eps, pgd_steps, pgd_many_steps,
-    pgd_many, ...), so they can be reported.
+    PGD-`pgd_steps` at eps/2, eps, 2*eps and a very large eps; PGD with 5x steps and
+    MANY_RESTARTS restarts at eps. Returns (flags, measurements): measurements hold every accuracy
+    the flags were computed from (keys: clean, pgd_by_eps {eps: acc}, large_eps, pgd_large_eps,
+    pgd_steps, pgd_many_steps, pgd_many, ...), so they can be reported.
     """
     def pgd_acc(e, steps=pgd_steps, restarts=1):
         atk = PGD(model, eps=e, norm=norm, steps=steps, restarts=restarts, seed=seed)
@@ -170,7 +170,7 @@ def run_model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
         by_eps = {e: pgd_acc(e) for e in _probe_eps(eps, norm)}
         large = _large_eps(norm, x)
         acc_large = pgd_acc(large)
-        acc_many = pgd_acc(eps, steps=5 * pgd_steps, restarts=3)
+        acc_many = pgd_acc(eps, steps=5 * pgd_steps, restarts=MANY_RESTARTS)
     flags += [check_robust_le_clean(clean, {f"pgd@{e:g}": a for e, a in by_eps.items()}),
               check_monotone_in_eps({0.0: clean, **by_eps, large: acc_large}),
               check_large_eps(acc_large),
@@ -178,5 +178,5 @@ def run_model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     measurements = {"n": len(x), "eps": eps, "norm": norm, "seed": seed, "clean": clean,
                     "pgd_by_eps": by_eps, "large_eps": large, "pgd_large_eps": acc_large,
                     "pgd_steps": pgd_steps, "pgd_many_steps": 5 * pgd_steps,
-                    "pgd_many_restarts": 3, "pgd_many": acc_many}
+                    "pgd_many_restarts": MANY_RESTARTS, "pgd_many": acc_many}
     return flags, measurements

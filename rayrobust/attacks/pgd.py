@@ -109,7 +109,9 @@ _NORMS: Dict[str, tuple] = {
 def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-example size of a perturbation in the given norm, shape (N,)."""
     flat = delta.flatten(1)
-    return {"Linf": lambda: flat.abs().amax(dim=1), "L2": lambda: flat.norm(dim=1)}[norm]()
+    sizes = {"Linf": lambda: flat.abs().amax(dim=1), "L2": lambda: flat.norm(dim=1),
+             "L1": lambda: flat.abs().sum(dim=1)}
+    return sizes[norm]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +129,14 @@ def _kl_loss(logits, y, clean_logits):
 
 
 _LOSSES: Dict[str, Callable] = {"ce": _ce_loss, "kl": _kl_loss}
+
+
+def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss / d x; zeros where the model cut the graph (detach, no_grad, integer ops)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    return grad if grad is not None else torch.zeros_like(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +176,10 @@ class Attack:
                  restarts: int = 1, step_size: Optional[float] = None, random_start: bool = True,
                  seed: int = 0, loss: str = "ce"):
         _validate(eps, norm, steps, restarts, step_size, loss, random_start)
-        self.model, self.eps, self.norm, self.steps, self.restarts = model, eps, norm, steps, restarts
-        self.step_size = step_size if step_size is not None else self._default_step(eps, steps,
-                                                                                     random_start)
+        self.model, self.eps, self.norm = model, eps, norm
+        self.steps, self.restarts = steps, restarts
+        default_step = self._default_step(eps, steps, random_start)
+        self.step_size = step_size if step_size is not None else default_step
         self.random_start, self.seed, self.loss = random_start, seed, loss
         self._start, self._step, self._project = _NORMS[norm]
         self._loss_fn = _LOSSES[loss]
@@ -214,7 +225,7 @@ class Attack:
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             loss = self._loss_fn(self.model(x_adv), y, clean_logits).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            grad = input_grad(loss, x_adv)
             with torch.no_grad():
                 x_adv = self._project(self._step(x_adv, grad, self.step_size), x, self.eps)
                 x_adv = x_adv.clamp(0, 1)

@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..attacks import create_attack
-from ..attacks.autoattack import AA_STANDARD, summarize_autoattack
+from ..attacks import ATTACKS
+from ..attacks.autoattack import attacks_for, summarize_autoattack
 from ..attacks.checks import (check_robust_le_clean, check_square_vs_whitebox, failed, run_model_checks)
 from ..errors import ConfigError
 from ..io import provenance, sha256_file, write_json
@@ -47,7 +47,7 @@ def _validate_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _pgd_accuracy(model: nn.Module, x, y, *, eps, norm, steps, restarts, seed, batch_size) -> Tuple[float, float]:
-    attack = create_attack("pgd", model, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
+    attack = ATTACKS.create("pgd", model=model, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
     clean = adv = 0
     for s in range(0, len(x), batch_size):
         xb, yb = x[s:s + batch_size], y[s:s + batch_size]
@@ -80,7 +80,7 @@ def evaluate(
     seed: int = 0,
     num_shards: int = 2,
     batch_size: int = 250,
-    chunk_size: int = 50,
+    chunk_size: int = 100,
     checks: bool = True,
     version: str = "standard",
     label: str = "model",
@@ -122,11 +122,10 @@ def evaluate(
     if n_autoattack:
         ensure_ray(ray_address)
         xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
-        attacks = AA_STANDARD if version == "standard" else None
         aa = sharded_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
                                 chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
         model.to(device)
-        summary = summarize_autoattack(aa["broken_by"], attacks or list(dict.fromkeys(b for b in aa["broken_by"] if b)))
+        summary = summarize_autoattack(aa["broken_by"], attacks_for(version))
         result["autoattack_acc"] = summary["robust"]
         result["autoattack"] = {"version": version, "per_attack": summary, "seed": seed, "n": n_autoattack,
                                 "num_shards": aa["num_shards"], "chunk_size": chunk_size,
@@ -138,10 +137,13 @@ def evaluate(
                   file=sys.stderr, flush=True)
     if checks:
         n_checks = min(len(x), max(n_autoattack, 200))
+        t_checks = time.perf_counter()
         model_flags, measurements = run_model_checks(model, x[:n_checks], y[:n_checks], eps=eps, norm=norm, seed=seed,
                                                      batch_size=batch_size)
         flags += model_flags
         result["measurements"] = measurements
+        if verbose:
+            print(f"  [{label}] sanity checks on n={n_checks} ({time.perf_counter() - t_checks:.1f}s)", file=sys.stderr, flush=True)
     result["checks"] = [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in flags]
     result["flags"] = failed(flags) + ([] if n_autoattack else ["autoattack_skipped"])
     result["seconds"] = time.perf_counter() - t0
@@ -165,7 +167,7 @@ def evaluate_checkpoint(cfg, checkpoint: Union[str, Path], out_path: Optional[Un
     ds = load_dataset(data_name, "test", root=cfg.data.root, download=cfg.data.download, limit=ec.n_eval)
     res = evaluate(decision, ds, eps=ec.eps, norm=ec.norm, n=ec.n_eval, n_autoattack=ec.n_autoattack,
                    pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
-                   batch_size=ec.batch_size, checks=ec.checks, label=label or method_name, ray_address=cfg.ray_address)
+                   batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name, ray_address=cfg.ray_address)
     res["method"] = method_name
     res["provenance"] = provenance(config=cfg.to_dict(), seed=ec.seed, checkpoint=str(checkpoint),
                                    checkpoint_sha256=sha256_file(checkpoint), trained_with=payload["config"])

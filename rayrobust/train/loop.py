@@ -121,13 +121,13 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int, seed: int,
              batch_size: int = 500) -> Dict[str, float]:
     """Clean and PGD accuracy (L-inf, `pgd_steps` steps, labelled weaker than AutoAttack) on the validation set."""
-    from ..attacks import create_attack
+    from ..attacks import ATTACKS
 
     was = model.training
     model.eval()
     try:
         clean = _accuracy(model, x, y, batch_size)
-        attack = create_attack("pgd", model, eps=eps, norm="Linf", steps=pgd_steps, seed=seed)
+        attack = ATTACKS.create("pgd", model=model, eps=eps, norm="Linf", steps=pgd_steps, seed=seed)
         correct = 0
         for s in range(0, len(x), batch_size):
             xa = attack.perturb(x[s:s + batch_size], y[s:s + batch_size])

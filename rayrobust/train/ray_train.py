@@ -171,7 +171,9 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=f"train-{cfg.train.method}", storage_path=str(run_dir / "ray"),
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 # worker prints go to the driver once, not also through Train's logger
+                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         )
         try:
             trainer.fit()

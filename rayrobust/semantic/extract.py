@@ -1,0 +1,258 @@
+"""Latent extraction: f(x) = model.forward_features(x) for every image, stored as Parquet shards.
+
+Core (no Ray): `extract_latents(model, x, batch_size) -> (N, d) float32`.
+Ray wrapper: `run_extract(...)` streams the images through a Ray Data actor pool
+(`map_batches(LatentExtractor, compute=ActorPoolStrategy(size=n), num_gpus=1 per actor when the
+cluster has GPUs)`), and the driver writes the stream to Parquet shards with pyarrow as it arrives:
+
+    <out_dir>/latents/part-00000.parquet ...   columns: index int64, label int64,
+                                               latent fixed_size_list<float32>[d]
+    <out_dir>/latents/manifest.json            source sha256, dataset, n, dim, shards, nodes, timings
+
+Example:
+    >>> manifest = run_extract("runs/demo/standard/checkpoints/epoch_003.pt", train, "runs/demo/semantic")
+    >>> index, labels, latents = read_latents("runs/demo/semantic")
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from ..data import ArrayDataset
+from ..errors import ConfigError
+from ..io import provenance, sha256_file, write_json
+from .artifacts import MANIFEST, atomic_dir, check_reuse, dataset_sha256, module_sha256, read_manifest
+from .errors import LatentError
+
+FORMAT = "rayrobust-latents-v1"
+LATENTS_DIR = "latents"
+
+
+# ------------------------------------------------------------------------------------------------
+# Core: no Ray
+# ------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def extract_latents(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
+                    device: Optional[Union[str, torch.device]] = None) -> np.ndarray:
+    """forward_features over x (N, C, H, W) in [0,1] in batches -> (N, d) float32 numpy."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    out = [model.forward_features(x[s:s + batch_size].to(device)).float().cpu()  # (B, d)
+           for s in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.num_features), np.float32)
+
+
+def latent_schema(dim: int) -> pa.Schema:
+    return pa.schema([("index", pa.int64()), ("label", pa.int64()), ("latent", pa.list_(pa.float32(), dim))])
+
+
+def latents_table(index: np.ndarray, labels: np.ndarray, latents: np.ndarray) -> pa.Table:
+    """(N,), (N,), (N, d) -> a table with the latent schema (latent as fixed_size_list<float32>[d])."""
+    latents = np.ascontiguousarray(latents, dtype=np.float32)
+    n, d = latents.shape
+    flat = pa.array(latents.reshape(-1), type=pa.float32())  # (N*d,)
+    return pa.table([pa.array(np.asarray(index, np.int64)), pa.array(np.asarray(labels, np.int64)),
+                     pa.FixedSizeListArray.from_arrays(flat, d)], schema=latent_schema(d))
+
+
+def _list_column(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed_size_list<float32>[width] column -> (N, width) float32."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.offset or arr.null_count:  # sliced or with nulls: take the slow but safe route
+        return np.asarray(arr.to_pylist(), dtype=np.float32).reshape(len(arr), width)
+    return arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), width)
+
+
+def latents_dir(out_dir: str | Path) -> Path:
+    """`out_dir/latents`, or `out_dir` itself when it already is a latents directory."""
+    out_dir = Path(out_dir)
+    return out_dir if (out_dir / MANIFEST).is_file() and not (out_dir / LATENTS_DIR).exists() else out_dir / LATENTS_DIR
+
+
+def read_latents(directory: str | Path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index (N,) int64, labels (N,) int64, latents (N, d) float32), sorted by index."""
+    d = latents_dir(directory)
+    manifest = read_manifest(d, stage="latents", hint="run the extract stage first (`rayrobust extract`)")
+    dim = int(manifest["dim"])
+    tables = [pq.read_table(d / s["file"]) for s in manifest["shards"]]
+    table = pa.concat_tables(tables) if tables else latent_schema(dim).empty_table()
+    index = table.column("index").to_numpy()
+    labels = table.column("label").to_numpy()
+    latents = _list_column(table.column("latent"), dim)  # (N, d)
+    if len(index) != manifest["n"]:
+        raise LatentError(f"{d}: the manifest says n={manifest['n']} but the shards hold {len(index)} rows; "
+                          "the directory was modified, re-run extract with overwrite")
+    order = np.argsort(index, kind="stable")
+    return index[order], labels[order], latents[order]
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Data callable: one per actor of the pool
+# ------------------------------------------------------------------------------------------------
+class LatentExtractor:
+    """Holds the model on its device; maps an Arrow batch (index, label, image) -> (index, label, latent, node)."""
+
+    def __init__(self, model_ref: Any, image_shape: Tuple[int, int, int], batch_size: int, threads: Optional[int]):
+        import ray
+
+        if threads:
+            torch.set_num_threads(threads)
+        model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.shape = tuple(image_shape)
+        self.batch_size = batch_size
+        self.node = ray.get_runtime_context().get_node_id()
+        self.worker = f"{self.node[:12]}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        width = int(np.prod(self.shape))
+        x = torch.from_numpy(_list_column(batch.column("image"), width).reshape(n, *self.shape).copy())  # (B, C, H, W)
+        z = extract_latents(self.model, x, self.batch_size, self.device)  # (B, d)
+        table = latents_table(batch.column("index").to_numpy(), batch.column("label").to_numpy(), z)
+        table = table.append_column("node", pa.array([self.node] * n, pa.string()))
+        return table.append_column("worker", pa.array([self.worker] * n, pa.string()))
+
+
+def _image_blocks(x: torch.Tensor, y: torch.Tensor, rows: int) -> list:
+    """The dataset as Arrow tables of `rows` rows: index, label, image fixed_size_list<float32>[C*H*W]."""
+    flat = x.detach().cpu().contiguous().reshape(len(x), -1).numpy()  # (N, C*H*W)
+    labels = y.detach().cpu().numpy().astype(np.int64)
+    blocks = []
+    for s in range(0, len(x), rows):
+        e = min(s + rows, len(x))
+        images = pa.FixedSizeListArray.from_arrays(pa.array(flat[s:e].reshape(-1), pa.float32()), flat.shape[1])
+        blocks.append(pa.table({"index": pa.array(np.arange(s, e, dtype=np.int64)),
+                                "label": pa.array(labels[s:e]), "image": images}))
+    return blocks
+
+
+def _resolve_source(model_or_checkpoint: Union[nn.Module, str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model and what identifies it: a checkpoint's sha256, or a module's state_dict sha256."""
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = model_or_checkpoint
+        return model, {"kind": "module", "class": type(model).__name__, "sha256": module_sha256(model)}
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+
+    path = Path(model_or_checkpoint)
+    model = model_from_checkpoint(path)  # CheckpointError when missing/corrupt/unsafe
+    meta = load_checkpoint(path).get("model_meta", {})
+    return model, {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path), "model_meta": meta}
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray wrapper
+# ------------------------------------------------------------------------------------------------
+def run_extract(
+    model_or_checkpoint_path: Union[nn.Module, str, Path],
+    dataset: ArrayDataset,
+    out_dir: str | Path,
+    *,
+    num_actors: int = 2,
+    batch_size: int = 256,
+    use_gpu: Optional[bool] = None,
+    rows_per_shard: Optional[int] = None,
+    overwrite: bool = False,
+    ray_remote_args: Optional[Dict[str, Any]] = None,
+    verbose: bool = True,
+) -> Dict[str, Any]:
+    """Extract latents of `dataset` with a Ray Data actor pool; write `<out_dir>/latents/`; return the manifest.
+
+    Same source weights + dataset (name, n, content hash) as the existing artifact -> reused as is;
+    different -> ArtifactMismatchError unless `overwrite`. `ray_remote_args` go to each actor
+    (e.g. `{"resources": {"node_a": 1}}` to pin placement); `rows_per_shard` defaults to ~n/8.
+    """
+    import ray
+
+    from ..raycluster import ensure_ray
+
+    if num_actors < 1 or batch_size < 1:
+        raise ConfigError(f"num_actors={num_actors} and batch_size={batch_size} must both be >= 1")
+    if len(dataset) == 0:
+        raise ConfigError(f"dataset {dataset.name!r} is empty; nothing to extract")
+    model, source = _resolve_source(model_or_checkpoint_path)
+    n = len(dataset)
+    key = {"source_sha256": source["sha256"], "dataset": dataset.name, "n": n,
+           "data_sha256": dataset_sha256(dataset.x, dataset.y)}
+    dest = Path(out_dir) / LATENTS_DIR
+    old = check_reuse(dest, key, stage="latents", overwrite=overwrite)
+    if old is not None:
+        _log(verbose, f"latents: reusing {dest} (same source sha256 {key['source_sha256'][:12]}, dataset, n={n})")
+        return old
+
+    ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    if use_gpu and gpus == 0:
+        raise ConfigError("use_gpu=True but the Ray cluster has no GPU; set semantic.use_gpu=null or false")
+    actors = min(num_actors, gpus) if use_gpu else num_actors
+    per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    dim = int(getattr(model, "num_features", 0)) or extract_latents(model, dataset.x[:1], 1).shape[1]
+    rows_per_shard = rows_per_shard or max(256, min(65536, math.ceil(n / 8)))
+    block_rows = max(batch_size, min(4096, math.ceil(n / (4 * actors))))
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # shards come out in index order: reproducible files
+    t0 = time.perf_counter()
+    ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
+    ds = ds.map_batches(
+        LatentExtractor,
+        fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": dataset.shape,
+                               "batch_size": batch_size, "threads": None if use_gpu else 1},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size, batch_format="pyarrow", **per_actor, **(ray_remote_args or {}),
+    )
+    _log(verbose, f"latents: extracting n={n} images with {actors} Ray Data actor(s) "
+                  f"({'1 GPU' if use_gpu else '1 CPU'} each), batch {batch_size}, into {dest}")
+    nodes: Dict[str, int] = {}  # node id -> rows it extracted
+    workers: Dict[str, int] = {}  # "node:pid" of each actor -> rows
+    shards = []
+    schema = latent_schema(dim)
+    with atomic_dir(dest) as tmp:
+        for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="pyarrow"):
+            for column, tally in (("node", nodes), ("worker", workers)):
+                names, counts = np.unique(batch.column(column).to_numpy(zero_copy_only=False), return_counts=True)
+                for name, count in zip(names, counts):
+                    tally[str(name)] = tally.get(str(name), 0) + int(count)
+            table = batch.drop_columns(["node", "worker"]).cast(schema)
+            name = f"part-{len(shards):05d}.parquet"
+            pq.write_table(table, tmp / name)
+            shards.append({"file": name, "rows": table.num_rows})
+            _log(verbose, f"latents: wrote {name} ({sum(s['rows'] for s in shards)}/{n} rows, "
+                          f"{time.perf_counter() - t0:.1f}s)")
+        seconds = time.perf_counter() - t0
+        total = sum(s["rows"] for s in shards)
+        if total != n:
+            raise LatentError(f"extraction produced {total} rows for {n} images; nothing was written")
+        manifest = {
+            "format": FORMAT, "reuse_key": key, "source": source, "dataset": dataset.name, "n": n, "dim": dim,
+            "image_shape": list(dataset.shape), "num_classes": dataset.num_classes,
+            "columns": {"index": "int64", "label": "int64", "latent": f"fixed_size_list<float32>[{dim}]"},
+            "shards": shards, "nodes": nodes, "workers": workers,
+            "compute": {"actors": actors, "per_actor": per_actor, "batch_size": batch_size, "block_rows": block_rows},
+            "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1)},
+            "provenance": provenance(),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    _log(verbose, f"latents: {n} x {dim} in {seconds:.1f}s ({n / seconds:.0f} images/s) on {len(nodes)} node(s)")
+    return manifest
+
+
+def _log(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(msg, flush=True)

@@ -1,0 +1,213 @@
+"""Lloyd's k-means split into a data side and a driver side, as in faiss's own distributed k-means
+(`faiss/contrib/clustering.py`: a `DatasetAssign` returns per-centroid sums; the driver updates).
+
+- `LatentShard` holds some rows (of every class) and does the assignment step with faiss: for each
+  requested job (class c, centroids C) it returns per-centroid sums, counts, inertia and how many
+  of its rows changed cluster. It can live in this process or inside a Ray actor unchanged.
+- `KMeansJob` is the driver side of one k-means run: k-means++ seeding on a fixed sample, the
+  centroid update from summed statistics, faiss's empty-cluster split, the stopping rule.
+
+Because the driver only ever sees sums over shards, one shard or many give the same clusters for
+the same seed (sums are float64; the split rule and the seeding use the job's own seeded RNG).
+
+Example:
+    >>> centroids, labels, inertia = kmeans(x, 4, seed=0)   # x (N, d) float32, one process
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import faiss
+import numpy as np
+
+StepStats = Tuple[np.ndarray, np.ndarray, float, int]  # sums (K, d) f64, counts (K,) i64, inertia, changed
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(labels (N,) int64, squared L2 distances (N,) float32) of each row's nearest centroid (faiss)."""
+    if len(x) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    dist, idx = faiss.knn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(centroids, np.float32), 1)
+    return idx[:, 0].astype(np.int64), dist[:, 0]
+
+
+def cluster_sums(x64: np.ndarray, labels: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (k, d) float64 and counts (k,) int64 of rows x64 (N, d) float64."""
+    onehot = np.zeros((len(labels), k), np.float64)  # (N, k)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return onehot.T @ x64, np.bincount(labels, minlength=k).astype(np.int64)
+
+
+class LatentShard:
+    """Rows of latents held for the assignment step. Plain class; a Ray actor at the call site.
+
+    index (N,) int64, labels (N,) int64 class ids, latents (N, d) float32.
+    """
+
+    def __init__(self, index: np.ndarray, labels: np.ndarray, latents: np.ndarray):
+        order = np.argsort(index, kind="stable")
+        self.index = np.asarray(index, np.int64)[order]
+        self.labels = np.asarray(labels, np.int64)[order]
+        self.x = np.ascontiguousarray(latents, np.float32)[order]  # (N, d)
+        self._rows: Dict[int, np.ndarray] = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
+        self._x64: Dict[int, np.ndarray] = {}  # class -> (n_c, d) float64, made on first use
+        self._assign: Dict[str, np.ndarray] = {}  # job id -> this shard's last labels for that job
+
+    @classmethod
+    def from_parquet(cls, paths: Sequence[str]) -> "LatentShard":
+        """Load latent Parquet shards (the extract stage's files) into one shard."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .extract import _list_column
+
+        table = pa.concat_tables([pq.read_table(p) for p in paths])
+        dim = table.schema.field("latent").type.list_size
+        return cls(table.column("index").to_numpy(), table.column("label").to_numpy(),
+                   _list_column(table.column("latent"), dim))
+
+    # --- description -----------------------------------------------------------------------------
+    def summary(self) -> Dict[str, object]:
+        """dim, per-class counts and per-class count of non-finite rows (NaN/inf latents)."""
+        bad = ~np.isfinite(self.x).all(axis=1)
+        return {"dim": int(self.x.shape[1]), "n": len(self.index),
+                "counts": {c: len(r) for c, r in self._rows.items()},
+                "nonfinite": {c: int(bad[r].sum()) for c, r in self._rows.items() if bad[r].any()}}
+
+    def class_indices(self) -> Dict[int, np.ndarray]:
+        """{class: dataset indices of this shard's rows of that class (sorted)}."""
+        return {c: self.index[r] for c, r in self._rows.items()}
+
+    def take(self, requests: Dict[int, np.ndarray]) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
+        """{class: wanted dataset indices} -> {class: (index (M,), latents (M, d))} of the rows held here."""
+        out = {}
+        for c, wanted in requests.items():
+            rows = self._rows.get(c, np.zeros(0, np.int64))
+            hit = rows[np.isin(self.index[rows], wanted)]
+            out[c] = (self.index[hit], self.x[hit])
+        return out
+
+    # --- the assignment step -----------------------------------------------------------------------
+    def _class_x(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
+        rows = self._rows.get(c, np.zeros(0, np.int64))
+        if c not in self._x64:
+            self._x64[c] = self.x[rows].astype(np.float64)
+        return self.x[rows], self._x64[c]
+
+    def step(self, jobs: Sequence[Tuple[str, int, np.ndarray]]) -> Dict[str, StepStats]:
+        """One assignment step for each (job id, class, centroids (K, d)) -> {job id: StepStats}."""
+        out = {}
+        for job, c, centroids in jobs:
+            x, x64 = self._class_x(c)
+            labels, dist = nearest(x, centroids)
+            sums, counts = cluster_sums(x64, labels, len(centroids))
+            prev = self._assign.get(job)
+            changed = len(labels) if prev is None else int((prev != labels).sum())
+            self._assign[job] = labels
+            out[job] = (sums, counts, float(dist.astype(np.float64).sum()), changed)
+        return out
+
+    def finish(self, jobs: Sequence[Tuple[str, int, np.ndarray]]) -> Dict[str, tuple]:
+        """Final pass for each (job, class, centroids): (index, labels, sums, sumsq, counts, inertia)."""
+        out = {}
+        for job, c, centroids in jobs:
+            x, x64 = self._class_x(c)
+            labels, dist = nearest(x, centroids)
+            sums, counts = cluster_sums(x64, labels, len(centroids))
+            sumsq, _ = cluster_sums(x64 * x64, labels, len(centroids))
+            out[job] = (self.index[self._rows.get(c, np.zeros(0, np.int64))], labels, sums, sumsq, counts, float(dist.astype(np.float64).sum()))
+        return out
+
+    def forget(self, jobs: Sequence[str]) -> None:
+        for job in jobs:
+            self._assign.pop(job, None)
+
+
+def kmeans_plus_plus(sample: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling) on sample (M, d) -> (k, d) float32 centroids."""
+    m = len(sample)
+    centroids = [sample[rng.randint(m)]]
+    d2 = ((sample - centroids[0]) ** 2).sum(1).astype(np.float64)  # (M,)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = rng.randint(m) if total <= 0 else int(np.searchsorted(np.cumsum(d2), rng.uniform(0, total)))
+        centroids.append(sample[min(i, m - 1)])
+        d2 = np.minimum(d2, ((sample - centroids[-1]) ** 2).sum(1))
+    return np.stack(centroids).astype(np.float32)
+
+
+def split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.RandomState) -> int:
+    """faiss's rule for empty clusters: split a populous one (probability ~ size - 1) in two,
+    nudging the copies apart by a factor 1 +- 1/1024 per coordinate. In place; returns the splits."""
+    counts = counts.astype(np.float64).copy()
+    fac = np.ones(centroids.shape[1], np.float32)
+    fac[::2] += 1 / 1024.0
+    fac[1::2] -= 1 / 1024.0
+    splits = 0
+    for ci in np.flatnonzero(counts == 0):
+        p = np.maximum(counts - 1, 0)
+        if p.sum() <= 0:
+            break
+        cj = rng.choice(len(counts), p=p / p.sum())
+        c = centroids[cj].copy()
+        centroids[ci], centroids[cj] = c * fac, c / fac
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+        splits += 1
+    return splits
+
+
+class KMeansJob:
+    """The driver side of one k-means run (class c, K clusters): seed, update, stop."""
+
+    def __init__(self, job_id: str, c: int, k: int, sample: np.ndarray, *, iters: int, seed: int):
+        self.id, self.c, self.k = job_id, c, k
+        self.rng = np.random.RandomState(seed)
+        self.centroids = kmeans_plus_plus(sample, k, self.rng)  # (k, d)
+        self.max_iters = 1 if k == 1 else iters  # one pass gives the exact mean when K = 1
+        self.iters = 0
+        self.inertia: List[float] = []  # per iteration, at the centroids it assigned with
+        self.splits = 0
+        self.done = False
+
+    def update(self, stats: Sequence[StepStats]) -> None:
+        """New centroids from the shards' statistics (summed in shard order)."""
+        sums = np.sum([s[0] for s in stats], axis=0)  # (k, d) float64
+        counts = np.sum([s[1] for s in stats], axis=0)  # (k,)
+        changed = sum(s[3] for s in stats)
+        self.inertia.append(float(sum(s[2] for s in stats)))
+        self.iters += 1
+        if changed == 0:  # same partition as last time: the centroids would not move
+            self.done = True
+            return
+        new = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        new[counts == 0] = self.centroids[counts == 0]
+        self.splits += split_empty(new, counts, self.rng)
+        self.centroids = new
+        self.done = self.iters >= self.max_iters
+
+
+def run_jobs(jobs: Sequence[KMeansJob], step) -> None:
+    """Drive jobs to completion in lockstep rounds; `step(list of (id, class, centroids))` returns,
+    per shard, {job id: StepStats}. All active jobs share one call per shard per round."""
+    active = list(jobs)
+    while active:
+        per_shard = step([(j.id, j.c, j.centroids) for j in active])
+        for j in active:
+            j.update([s[j.id] for s in per_shard])
+        active = [j for j in active if not j.done]
+
+
+def kmeans(x: np.ndarray, k: int, *, iters: int = 25, seed: int = 0,
+           sample_size: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Single-process k-means on x (N, d): (centroids (k, d), labels (N,), inertia), k-means++ seeded
+    on a seeded sample of `sample_size` rows (None = all)."""
+    x = np.ascontiguousarray(x, np.float32)
+    rng = np.random.RandomState(seed)
+    m = len(x) if sample_size is None else min(sample_size, len(x))
+    sample = x[np.sort(rng.choice(len(x), m, replace=False))]
+    shard = LatentShard(np.arange(len(x)), np.zeros(len(x), np.int64), x)
+    job = KMeansJob("kmeans", 0, k, sample, iters=iters, seed=seed)
+    run_jobs([job], lambda batch: [shard.step(batch)])
+    labels, dist = nearest(x, job.centroids)
+    return job.centroids, labels, float(dist.astype(np.float64).sum())

@@ -1,0 +1,74 @@
+"""Shared fixtures: a local 2-CPU Ray cluster for the `ray` tests and tiny trained models."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAYROBUST_DASHBOARD", "0")  # tests start Ray without the dashboard (faster)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) shared by every test that needs Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from rayrobust.data import load_dataset
+
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def train_plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 0.05,
+                seed: int = 0) -> torch.nn.Module:
+    """A few seconds of plain full-batch-ish training, for tests that need a sensible model."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for s in range(0, len(x), 128):
+            idx = perm[s:s + 128]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits):
+    """small_cnn trained on 8x8 digits for a few seconds (clean accuracy > 0.9)."""
+    from rayrobust.models import create_model
+
+    train, _ = digits
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1, input_size=8, mean=train.mean, std=train.std)
+    return train_plain(model, train.x, train.y)
+
+
+def tiny_config(tmp_path, **sections):
+    """An ExperimentConfig for a seconds-long run on digits."""
+    from rayrobust.config import config_from_dict
+
+    raw = {
+        "name": "tiny", "run_dir": str(tmp_path / "run"), "methods": ["standard"],
+        "data": {"name": "digits", "val_size": 100},
+        "model": {"name": "small_cnn"},
+        "train": {"method": "standard", "epochs": 2, "batch_size": 64, "lr": 0.05, "eps": 0.1,
+                  "attack_steps": 2, "num_workers": 1, "cpus_per_worker": 1, "val_pgd_steps": 2},
+        "eval": {"eps": 0.1, "n_eval": 100, "n_autoattack": 20, "pgd_steps": 5, "num_shards": 2, "batch_size": 100},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return config_from_dict(raw)

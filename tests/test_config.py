@@ -1,0 +1,52 @@
+"""Config parsing, overrides and validation messages."""
+import pytest
+
+from rayrobust.config import ExperimentConfig, config_from_dict, load_config
+from rayrobust.errors import ConfigError
+
+
+def test_demo_config_loads_with_expected_values():
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.methods == ["standard", "fgsm_rs", "pgd_at"]
+    assert cfg.eval.eps == 0.1 and cfg.eval.n_eval >= 1000 and cfg.eval.n_autoattack >= 200
+    assert cfg.data.name == "fashion_mnist"
+
+
+def test_overrides_dotted_bare_and_lists():
+    cfg = load_config("configs/demo.yaml", ["train.epochs=5", "method=trades", "eval.eps=0.2", "methods=standard,pgd_at"])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.method == "trades"
+    assert cfg.eval.eps == pytest.approx(0.2)
+    assert cfg.methods == ["standard", "pgd_at"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.epoch=3", "did you mean 'epochs'"),
+    ("eval.eps=0", "outside (0, 1]"),
+    ("eval.eps=1.5", "outside (0, 1]"),
+    ("train.eps=-0.1", "outside (0, 1]"),
+    ("train.epochs=zero", "cannot read 'zero'"),
+    ("bogus.key=1", "sections are"),
+    ("eps=0.1", "ambiguous"),
+    ("eval.n_autoattack=5000", "between 0 and eval.n_eval"),
+    ("noequals", "key=value"),
+])
+def test_bad_values_raise_clear_config_errors(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/demo.yaml", [override])
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_roundtrip_through_dict():
+    cfg = load_config("configs/demo.yaml", ["train.seed=7"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and isinstance(again, ExperimentConfig)
