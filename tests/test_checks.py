@@ -13,6 +13,15 @@ from rayrobust.attacks.checks import (Flag, check_deterministic, check_large_eps
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning")  # pyautoattack's own warnings
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 MODEL_FLAGS = {"zero_gradients", "softmax_output", "nondeterministic", "robust_above_clean",
                "not_monotone_in_eps", "robust_at_large_eps", "more_steps_raise_accuracy"}
 
@@ -34,6 +43,7 @@ def _train_mlp(x, y, epochs=30, seed=0):
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)
     return model.eval()
 
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_two_worker_run_writes_checkpoints_and_metrics(ray_cluster, tmp_path):
-    cfg = tiny_config(tmp_path, train={"num_workers": 2, "method": "pgd_at", "epochs": 2})
+    cfg = tiny_config(tmp_path, train={"num_workers": 2, "method": "pgd_at", "epochs": 2, "lr": 0.2})
     result = fit(cfg, tmp_path / "pgd_at")
     assert result.epochs == 2 and result.resumed_from is None
     ckpts = list_checkpoints(tmp_path / "pgd_at" / "checkpoints")

@@ -12,7 +12,6 @@ attacks in eval mode; BatchNorm in train mode would update its running statistic
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Dict, Iterator, Optional
 
 import torch

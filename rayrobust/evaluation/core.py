@@ -131,7 +131,9 @@ def evaluate(
                                 "num_shards": aa["num_shards"], "chunk_size": chunk_size,
                                 "seconds": aa["seconds"], "workers": aa["workers"], "nodes": aa["nodes"]}
         flags.append(check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}))
-        flags.append(check_square_vs_whitebox(summary))
+        # AutoAttack's own tolerance (0.002), but never below one example: one point Square breaks
+        # out of a few hundred is noise, two or more is a signal.
+        flags.append(check_square_vs_whitebox(summary, tol=max(0.002, 1.0 / n_autoattack)))
         if verbose:
             print(f"  [{label}] AutoAttack {summary['robust']:.4f} on n={n_autoattack} ({aa['seconds']:.1f}s)",
                   file=sys.stderr, flush=True)

@@ -44,7 +44,7 @@ class SemanticConfig:
     patch_size: int = 4  # p: p x p patches, pixels (4 for 28x28 Fashion-MNIST; 4-6 for 32x32 CIFAR)
     patch_stride: int = 2  # pixels between patch origins; < patch_size overlaps and averages
     n_atoms: int = 32  # atoms per cluster dictionary (2x overcomplete for 1-channel 4x4 patches)
-    sparsity: float = 0.005  # lambda: L1 weight of the codes, in (pixel units)^2 (0.5*||x - aD||^2 + lambda*|a|_1)
+    sparsity: float = 0.1  # lambda: L1 weight of the codes, (pixel units)^2 (0.5*||x - aD||^2 + lambda*|a|_1); ~3 codes/patch
     fista_iters: int = 30  # FISTA iterations per sparse code, in learning and in purification (unrolled)
     dict_iters: int = 20  # alternating (sparse code, MOD dictionary update) rounds
     blur_sigma: float = 1.0  # Gaussian blur sigma, pixels: x_low = blur(x), x_high = x - x_low
@@ -86,14 +86,3 @@ class SemanticConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-    def section(self, *names: str) -> Dict[str, Any]:
-        """The named fields only: what one stage's artifact depends on (its reuse key)."""
-        d = self.to_dict()
-        return {n: d[n] for n in names}
-
-
-# Fields each stage's artifact depends on (a change invalidates that artifact).
-CLUSTER_FIELDS = ("k_max", "silhouette_threshold", "silhouette_sample", "kmeans_iters", "var_floor", "seed")
-DICTIONARY_FIELDS = ("patch_size", "patch_stride", "n_atoms", "sparsity", "fista_iters", "dict_iters",
-                     "blur_sigma", "max_images_per_cluster", "max_patches_per_cluster", "seed")

@@ -15,7 +15,8 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
@@ -23,11 +24,27 @@ import numpy as np
 StepStats = Tuple[np.ndarray, np.ndarray, float, int]  # sums (K, d) f64, counts (K,) i64, inertia, changed
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+@contextlib.contextmanager
+def faiss_threads(n: Optional[int]) -> Iterator[None]:
+    """Run faiss with n OpenMP threads (None = leave as is). One thread per CPU a Ray actor owns:
+    faiss's OpenMP threads spin, and on a busy machine 2 threads can be 100x slower than 1."""
+    if not n:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, threads: Optional[int] = 1) -> Tuple[np.ndarray, np.ndarray]:
     """(labels (N,) int64, squared L2 distances (N,) float32) of each row's nearest centroid (faiss)."""
     if len(x) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    dist, idx = faiss.knn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(centroids, np.float32), 1)
+    with faiss_threads(threads):
+        dist, idx = faiss.knn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(centroids, np.float32), 1)
     return idx[:, 0].astype(np.int64), dist[:, 0]
 
 
@@ -44,7 +61,8 @@ class LatentShard:
     index (N,) int64, labels (N,) int64 class ids, latents (N, d) float32.
     """
 
-    def __init__(self, index: np.ndarray, labels: np.ndarray, latents: np.ndarray):
+    def __init__(self, index: np.ndarray, labels: np.ndarray, latents: np.ndarray, threads: Optional[int] = 1):
+        self.threads = threads  # faiss OpenMP threads for the assignment step
         order = np.argsort(index, kind="stable")
         self.index = np.asarray(index, np.int64)[order]
         self.labels = np.asarray(labels, np.int64)[order]
@@ -54,7 +72,7 @@ class LatentShard:
         self._assign: Dict[str, np.ndarray] = {}  # job id -> this shard's last labels for that job
 
     @classmethod
-    def from_parquet(cls, paths: Sequence[str]) -> "LatentShard":
+    def from_parquet(cls, paths: Sequence[str], threads: Optional[int] = 1) -> "LatentShard":
         """Load latent Parquet shards (the extract stage's files) into one shard."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -64,7 +82,7 @@ class LatentShard:
         table = pa.concat_tables([pq.read_table(p) for p in paths])
         dim = table.schema.field("latent").type.list_size
         return cls(table.column("index").to_numpy(), table.column("label").to_numpy(),
-                   _list_column(table.column("latent"), dim))
+                   _list_column(table.column("latent"), dim), threads)
 
     # --- description -----------------------------------------------------------------------------
     def summary(self) -> Dict[str, object]:
@@ -99,7 +117,7 @@ class LatentShard:
         out = {}
         for job, c, centroids in jobs:
             x, x64 = self._class_x(c)
-            labels, dist = nearest(x, centroids)
+            labels, dist = nearest(x, centroids, self.threads)
             sums, counts = cluster_sums(x64, labels, len(centroids))
             prev = self._assign.get(job)
             changed = len(labels) if prev is None else int((prev != labels).sum())
@@ -112,7 +130,7 @@ class LatentShard:
         out = {}
         for job, c, centroids in jobs:
             x, x64 = self._class_x(c)
-            labels, dist = nearest(x, centroids)
+            labels, dist = nearest(x, centroids, self.threads)
             sums, counts = cluster_sums(x64, labels, len(centroids))
             sumsq, _ = cluster_sums(x64 * x64, labels, len(centroids))
             out[job] = (self.index[self._rows.get(c, np.zeros(0, np.int64))], labels, sums, sumsq, counts, float(dist.astype(np.float64).sum()))
@@ -124,16 +142,26 @@ class LatentShard:
 
 
 def kmeans_plus_plus(sample: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
-    """k-means++ seeding (D^2 sampling) on sample (M, d) -> (k, d) float32 centroids."""
-    m = len(sample)
-    centroids = [sample[rng.randint(m)]]
-    d2 = ((sample - centroids[0]) ** 2).sum(1).astype(np.float64)  # (M,)
+    """Greedy k-means++ seeding (as scikit-learn): each new centre is the best of 2 + log(k) D^2-sampled
+    candidates (lowest resulting potential). sample (M, d) -> (k, d) float32 centroids."""
+    x = np.asarray(sample, np.float64)
+    m = len(x)
+    trials = 2 + int(np.log(k))
+    sq = (x * x).sum(1)  # (M,)
+    centers = [rng.randint(m)]
+    d2 = np.maximum(sq - 2 * x @ x[centers[0]] + sq[centers[0]], 0)  # (M,) squared distance to nearest centre
     for _ in range(1, k):
         total = d2.sum()
-        i = rng.randint(m) if total <= 0 else int(np.searchsorted(np.cumsum(d2), rng.uniform(0, total)))
-        centroids.append(sample[min(i, m - 1)])
-        d2 = np.minimum(d2, ((sample - centroids[-1]) ** 2).sum(1))
-    return np.stack(centroids).astype(np.float32)
+        if total <= 0:  # fewer distinct points than k: any point will do
+            centers.append(rng.randint(m))
+            continue
+        cand = np.minimum(np.searchsorted(np.cumsum(d2), rng.uniform(0, total, trials)), m - 1)  # (T,)
+        dc = np.maximum(sq[None] - 2 * x[cand] @ x.T + sq[cand][:, None], 0)  # (T, M)
+        pot = np.minimum(d2[None], dc)  # (T, M)
+        best = int(pot.sum(1).argmin())
+        centers.append(int(cand[best]))
+        d2 = pot[best]
+    return x[centers].astype(np.float32)
 
 
 def split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.RandomState) -> int:

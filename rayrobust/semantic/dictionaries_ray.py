@@ -1,0 +1,115 @@
+"""Learning the per-cluster dictionaries on Ray actors (one GPU each when the cluster has GPUs).
+
+The driver picks each cluster's source images (`select_members`), puts them in the object store and
+hands clusters to a pool of `DictionaryWorker` actors, the next cluster to whichever actor is free.
+Each cluster's learning is seeded by (seed, cluster), so the result does not depend on which actor
+ran it. Output: `<out_dir>/dictionaries/cluster_XXX.npy` + `manifest.json`, written atomically.
+
+Example:
+    >>> manifest = run_dictionaries(train, "runs/demo/semantic", "runs/demo/semantic", DictionaryParams())
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from ..data import ArrayDataset
+from ..errors import ConfigError
+from .artifacts import atomic_dir, check_reuse, dataset_sha256
+from .clustering import CLUSTERS_DIR, load_clusters
+from .dictionaries import DICTIONARIES_DIR, DictionaryParams, DictionaryWorker, save_dictionaries, select_members
+from .errors import ArtifactMismatchError
+
+
+def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str | Path, params: DictionaryParams, *,
+                     num_actors: int = 2, use_gpu: Optional[bool] = None, overwrite: bool = False,
+                     actor_options: Optional[Dict[str, Any]] = None, verbose: bool = True) -> Dict[str, Any]:
+    """Learn one dictionary per cluster of `<clusters>/clusters/` from `dataset`'s images; return the manifest.
+
+    `dataset` must be the one the latents were extracted from (checked by content hash).
+    """
+    import ray
+
+    from ..io import provenance
+    from ..raycluster import ensure_ray
+
+    if num_actors < 1:
+        raise ConfigError(f"semantic.dict_actors={num_actors} must be >= 1")
+    cdir = Path(clusters) / CLUSTERS_DIR if (Path(clusters) / CLUSTERS_DIR).exists() else Path(clusters)
+    cl = load_clusters(cdir)
+    source = cl["summary"]["source_latents"]
+    data_sha = dataset_sha256(dataset.x, dataset.y)
+    if source["reuse_key"].get("data_sha256") not in (None, data_sha) or source["n"] != len(dataset):
+        raise ArtifactMismatchError(
+            f"the dataset given ({dataset.name}, n={len(dataset)}) is not the one the latents in {source['dir']} "
+            f"came from ({source['reuse_key'].get('dataset')}, n={source['n']}); pass the same data "
+            "(same data.name, data.train_limit and semantic.extract_limit)")
+    key = {"clusters": cl["summary"]["reuse_key"], "params": asdict(params)}
+    dest = Path(out_dir) / DICTIONARIES_DIR
+    old = check_reuse(dest, key, stage="dictionaries", overwrite=overwrite)
+    if old is not None:
+        _log(verbose, f"dictionaries: reusing {dest} (same clusters and parameters)")
+        return old
+
+    ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 if use_gpu is None else use_gpu
+    if use_gpu and gpus == 0:
+        raise ConfigError("use_gpu=True but the Ray cluster has no GPU; set semantic.use_gpu=null or false")
+    num_clusters = len(cl["centroids"])
+    actors_n = max(1, min(num_actors, num_clusters, gpus if use_gpu else num_actors))
+    options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    options.update(actor_options or {})
+    Worker = ray.remote(DictionaryWorker).options(**options)
+    actors = [Worker.remote(None if use_gpu else int(options.get("num_cpus", 1))) for _ in range(actors_n)]
+    _log(verbose, f"dictionaries: {num_clusters} clusters on {actors_n} Ray actor(s) "
+                  f"({'1 GPU' if use_gpu else '1 CPU'} each), p={params.patch_size}, {params.n_atoms} atoms, "
+                  f"lambda={params.sparsity}")
+    t0 = time.perf_counter()
+    queue = []
+    for k in range(num_clusters):
+        members = select_members(cl["index"], cl["assignment"], k, params.max_images_per_cluster, params.seed)
+        queue.append((k, ray.put(dataset.x[torch.as_tensor(members, dtype=torch.long)].contiguous())))
+    dicts: Dict[int, np.ndarray] = {}
+    infos: Dict[int, Dict] = {}
+    try:
+        pending = {}
+        for actor in actors:  # prime every actor, then hand the next cluster to whichever finishes
+            if queue:
+                k, ref = queue.pop(0)
+                pending[actor.learn.remote(k, ref, params)] = actor
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ready[0])
+            k, D, info = ray.get(ready[0])
+            info["class"] = int(cl["cluster_class"][k])
+            dicts[k], infos[k] = D, info
+            _log(verbose, f"dictionaries: cluster {k:3d} (class {info['class']}) {info['images']} images, "
+                          f"{info['patches']} patches, rel. error {info['relative_error']:.3f}, "
+                          f"{info['nonzeros_per_patch']:.1f} codes/patch, {info['wall_seconds']:.1f}s "
+                          f"[{len(dicts)}/{num_clusters}]")
+            if queue:
+                k, ref = queue.pop(0)
+                pending[actor.learn.remote(k, ref, params)] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    nodes: Dict[str, int] = {}
+    for info in infos.values():
+        nodes[str(info.get("node"))] = nodes.get(str(info.get("node")), 0) + 1
+    with atomic_dir(dest) as tmp:
+        manifest = save_dictionaries(tmp, dicts, infos, params, {
+            "reuse_key": key, "image_shape": list(dataset.shape), "source_clusters": str(cdir), "nodes": nodes,
+            "timings": {"seconds": round(time.perf_counter() - t0, 3)}, "provenance": provenance(seed=params.seed)})
+    _log(verbose, f"dictionaries: {num_clusters} dictionaries in {time.perf_counter() - t0:.1f}s -> {dest}")
+    return manifest
+
+
+def _log(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(msg, flush=True)

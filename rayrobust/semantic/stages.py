@@ -1,0 +1,118 @@
+"""The SRD latent pipeline as three stages over a run directory, for the CLI, the pipeline and jobs/.
+
+    <run_dir>/<source_method>/checkpoints/epoch_XXX.pt      (from `rayrobust train`)
+    <run_dir>/semantic/latents/        extract       Ray Data actor pool     -> Parquet + manifest
+    <run_dir>/semantic/clusters/       cluster       Ray actors, shards      -> clusters.json, *.npy
+    <run_dir>/semantic/dictionaries/   dictionaries  Ray actors, per cluster -> cluster_XXX.npy + manifest
+
+Each stage reuses its artifact when its inputs are unchanged and refuses to overwrite one made from
+other inputs unless `semantic.overwrite` is set. `build_purifier(run_dir, model)` then gives the
+inference-time purifier.
+
+Example:
+    >>> train = load_source_dataset(cfg.data, cfg.semantic)
+    >>> run_extract_stage(cfg.semantic, cfg.run_dir, None, train)   # None: latest source_method checkpoint
+    >>> run_cluster_stage(cfg.semantic, cfg.run_dir)
+    >>> run_dictionaries_stage(cfg.semantic, cfg.run_dir, train)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+from ..data import ArrayDataset
+from ..errors import CheckpointError
+from .config import SemanticConfig
+from .purify import Purifier, load_purifier
+
+SEMANTIC_DIR = "semantic"
+
+
+def semantic_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / SEMANTIC_DIR
+
+
+def source_checkpoint(cfg: SemanticConfig, run_dir: str | Path) -> Path:
+    """The latest valid checkpoint of `cfg.source_method` in the run directory."""
+    from ..checkpoint import latest_valid_checkpoint
+
+    directory = Path(run_dir) / cfg.source_method / "checkpoints"
+    ckpt = latest_valid_checkpoint(directory)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {directory}; train the source model first "
+                              f"(`rayrobust train --set train.method={cfg.source_method}`) or pass --checkpoint")
+    return ckpt
+
+
+def load_source_dataset(data_cfg: Any, cfg: SemanticConfig) -> ArrayDataset:
+    """The training images the latents are extracted from: data.name's train split, the first
+    data.train_limit images, then the first semantic.extract_limit of those."""
+    from ..data import load_dataset
+
+    ds = load_dataset(data_cfg.name, "train", root=getattr(data_cfg, "root", None),
+                      download=getattr(data_cfg, "download", False), limit=getattr(data_cfg, "train_limit", None))
+    return ds.take(cfg.extract_limit) if cfg.extract_limit else ds
+
+
+def run_extract_stage(cfg: SemanticConfig, run_dir: str | Path, checkpoint: Optional[str | Path],
+                      dataset: ArrayDataset) -> Dict[str, Any]:
+    """Latents of `dataset` under the source checkpoint -> <run_dir>/semantic/latents/. Returns the manifest."""
+    from .extract import run_extract
+
+    checkpoint = Path(checkpoint) if checkpoint else source_checkpoint(cfg, run_dir)
+    print(f"== extract: latents of {len(dataset)} {dataset.name} images from {checkpoint}", flush=True)
+    return run_extract(checkpoint, dataset, semantic_dir(run_dir), num_actors=cfg.num_actors,
+                       batch_size=cfg.extract_batch_size, use_gpu=cfg.use_gpu, overwrite=cfg.overwrite)
+
+
+def run_cluster_stage(cfg: SemanticConfig, run_dir: str | Path,
+                      checkpoint: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Adaptive per-class k-means of the latents -> <run_dir>/semantic/clusters/. Returns clusters.json.
+
+    With `checkpoint`, the latents' dimension is checked against that model's forward_features.
+    """
+    from .cluster_ray import run_cluster
+
+    expected_dim = None
+    if checkpoint is not None:
+        from ..checkpoint import model_from_checkpoint
+
+        expected_dim = int(model_from_checkpoint(checkpoint).num_features)
+    print(f"== cluster: K per class in [1, {cfg.k_max}] by silhouette (threshold {cfg.silhouette_threshold}), "
+          f"{cfg.num_shards} shard actor(s)", flush=True)
+    sdir = semantic_dir(run_dir)
+    return run_cluster(sdir, sdir, k_max=cfg.k_max, threshold=cfg.silhouette_threshold, iters=cfg.kmeans_iters,
+                       sample_size=cfg.silhouette_sample, seed=cfg.seed, var_floor=cfg.var_floor,
+                       num_shards=cfg.num_shards, expected_dim=expected_dim, overwrite=cfg.overwrite)
+
+
+def run_dictionaries_stage(cfg: SemanticConfig, run_dir: str | Path, dataset: ArrayDataset) -> Dict[str, Any]:
+    """One sparse dictionary per cluster -> <run_dir>/semantic/dictionaries/. Returns the manifest.
+
+    `dataset` must be the one given to the extract stage (checked by content hash).
+    """
+    from .dictionaries import DictionaryParams
+    from .dictionaries_ray import run_dictionaries
+
+    params = DictionaryParams.from_config(cfg)
+    print(f"== dictionaries: {params.n_atoms} atoms of {params.patch_size}x{params.patch_size} high-frequency "
+          f"patches per cluster, {cfg.dict_actors} actor(s)", flush=True)
+    sdir = semantic_dir(run_dir)
+    return run_dictionaries(dataset, sdir, sdir, params, num_actors=cfg.dict_actors, use_gpu=cfg.use_gpu,
+                            overwrite=cfg.overwrite)
+
+
+def run_semantic_stages(cfg: SemanticConfig, run_dir: str | Path, dataset: ArrayDataset,
+                        checkpoint: Optional[str | Path] = None) -> Dict[str, Any]:
+    """extract -> cluster -> dictionaries, in order; returns the three manifests."""
+    checkpoint = Path(checkpoint) if checkpoint else source_checkpoint(cfg, run_dir)
+    return {"latents": run_extract_stage(cfg, run_dir, checkpoint, dataset),
+            "clusters": run_cluster_stage(cfg, run_dir, checkpoint),
+            "dictionaries": run_dictionaries_stage(cfg, run_dir, dataset)}
+
+
+def build_purifier(run_dir: str | Path, feature_model: nn.Module) -> Purifier:
+    """The inference-time purifier from the run's clusters and dictionaries (see purify.py)."""
+    return load_purifier(semantic_dir(run_dir), feature_model)
