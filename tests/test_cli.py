@@ -52,7 +52,7 @@ def test_missing_dataset_files_name_the_fix(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
                    "--set", f"data.root={tmp_path / 'empty'}", "--set", "data.name=cifar10")
-    assert_one_line_error(proc, "CIFAR-10", "download")
+    assert_one_line_error(proc, "cifar10 not found", "data.download=true")
     assert not (run_dir / "standard" / "checkpoints").exists()
 
 
