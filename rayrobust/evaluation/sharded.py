@@ -67,9 +67,12 @@ def sharded_autoattack(
     import ray
 
     plan = chunk_plan(len(x), chunk_size)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:  # one GPU per actor: never more actors than GPUs
+        num_shards, per_actor = min(num_shards, gpus), {"num_gpus": 1}
+    else:
+        per_actor = {"num_cpus": 1}
     num_shards = max(1, min(num_shards, len(plan)))
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per_actor = {"num_gpus": 1} if gpus >= num_shards else {"num_cpus": 1}
     Worker = ray.remote(max_restarts=2, max_task_retries=2, **per_actor)(AutoAttackWorker)
     kwargs = {"eps": eps, "norm": norm, "version": version, "attacks": list(attacks) if attacks else None}
     model_ref, x_ref, y_ref = ray.put(model.cpu()), ray.put(x.cpu()), ray.put(y.cpu())
