@@ -146,7 +146,7 @@ def _epoch_line(m: Dict[str, Any], epochs: int) -> str:
 
 def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = None) -> TrainResult:
     """Train `method` (default cfg.train.method) on Ray Train; continue the run in `run_dir` if one is there."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if method is not None:
@@ -172,6 +172,7 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=f"train-{cfg.train.method}", storage_path=str(run_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch lines suffice
                                  # worker prints go to the driver once, not also through Train's logger
                                  worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         )
