@@ -40,25 +40,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
-    """Append one JSON line (a single write of a whole line; readers skip an incomplete last line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
-
-
-def read_jsonl(path: str | os.PathLike) -> list:
-    rows = []
-    p = Path(path)
-    if not p.exists():
-        return rows
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line from a crash
-    return rows
+def write_jsonl(path: str | os.PathLike, rows: list) -> Path:
+    """Atomically write one JSON object per line."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    return Path(path)
 
 
 def _json_default(o: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..attacks import ATTACKS
+from ..attacks import ATTACKS, accuracy, robust_accuracy
 from ..attacks.autoattack import attacks_for, summarize_autoattack
 from ..attacks.checks import (check_robust_le_clean, check_square_vs_whitebox, failed, run_model_checks)
 from ..errors import ConfigError
@@ -48,15 +48,7 @@ def _validate_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _pgd_accuracy(model: nn.Module, x, y, *, eps, norm, steps, restarts, seed, batch_size) -> Tuple[float, float]:
     attack = ATTACKS.create("pgd", model=model, eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
-    clean = adv = 0
-    for s in range(0, len(x), batch_size):
-        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
-        with torch.no_grad():
-            clean += (model(xb).argmax(1) == yb).sum().item()
-        xa = attack.perturb(xb, yb)
-        with torch.no_grad():
-            adv += (model(xa).argmax(1) == yb).sum().item()
-    return clean / len(x), adv / len(x)
+    return accuracy(model, x, y, batch_size), robust_accuracy(model, attack, x, y, batch_size)
 
 
 def _printer(enabled: bool, label: str):

@@ -110,29 +110,16 @@ def train_epoch(
     return out
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    correct = 0
-    for s in range(0, len(x), batch_size):
-        correct += (model(x[s:s + batch_size]).argmax(1) == y[s:s + batch_size]).sum().item()
-    return correct / max(1, len(x))
-
-
 def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int, seed: int,
              batch_size: int = 500) -> Dict[str, float]:
     """Clean and PGD accuracy (L-inf, `pgd_steps` steps, labelled weaker than AutoAttack) on the validation set."""
-    from ..attacks import ATTACKS
+    from ..attacks import ATTACKS, accuracy, robust_accuracy
 
     was = model.training
     model.eval()
     try:
-        clean = _accuracy(model, x, y, batch_size)
         attack = ATTACKS.create("pgd", model=model, eps=eps, norm="Linf", steps=pgd_steps, seed=seed)
-        correct = 0
-        for s in range(0, len(x), batch_size):
-            xa = attack.perturb(x[s:s + batch_size], y[s:s + batch_size])
-            with torch.no_grad():
-                correct += (model(xa).argmax(1) == y[s:s + batch_size]).sum().item()
-        return {"val_clean_acc": clean, f"val_pgd{pgd_steps}_acc": correct / max(1, len(x))}
+        return {"val_clean_acc": accuracy(model, x, y, batch_size),
+                f"val_pgd{pgd_steps}_acc": robust_accuracy(model, attack, x, y, batch_size)}
     finally:
         model.train(was)

@@ -5,7 +5,11 @@ writes a checkpoint per epoch to `<run_dir>/checkpoints/` (atomic, safe format) 
 history to `<run_dir>/metrics.jsonl`. Every (re)start of the worker function — a user's resume or a
 Ray Train restart after a lost worker — continues from the newest valid checkpoint there; epoch
 batches and RNG are seeded by (seed, epoch) so a resumed run replays an uninterrupted one.
-The run directory must be on storage every node sees (NFS) for multi-node runs.
+Multi-node runs need the run directory on storage every node sees: either `run_dir` on a shared
+filesystem (NFS), or a storage path (S3, `rayrobust.storage`) that rank 0 pushes every checkpoint to
+and every (re)started worker pulls the newest one from. Each worker records its pid and node in
+`<run_dir>/workers/rank<r>.json` (where to look when a node misbehaves); checkpoints record the node
+of every rank in `provenance.worker_nodes`.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import torch
 from ..checkpoint import checkpoint_name, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import CheckpointError, ConfigError, RayRobustError
-from ..io import provenance, write_json
+from ..io import provenance, write_json, write_jsonl
 from ..raycluster import ensure_ray
+from ..storage import Mirror, mirror_for, pull, push
 
 # What must match for a checkpoint to be continued by a new `fit` call.
 _IDENTITY = (("train", "method"), ("model", "name"), ("data", "name"), ("train", "eps"), ("train", "seed"))
@@ -68,9 +73,11 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
+    mirror = Mirror(**loop_config["mirror"]) if loop_config.get("mirror") else None
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    nodes = _worker_nodes(world)  # node id of every rank, for provenance
     torch.set_num_threads(tc.cpus_per_worker)
     device = ray.train.torch.get_device()
     log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
@@ -82,6 +89,8 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
     history: List[Dict[str, Any]] = []
     start_epoch = 0
+    if mirror is not None:  # this node may never have seen the run: fetch its newest checkpoint
+        pull(mirror, run_dir)
     latest = latest_valid_checkpoint(run_dir / "checkpoints")
     if latest is not None:
         payload = load_checkpoint(latest)
@@ -100,6 +109,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             "input_size": ds.shape[1], "mean": list(ds.mean), "std": list(ds.std)}
 
     for epoch in range(start_epoch, tc.epochs):
+        _record_worker(run_dir, rank, nodes[rank] if len(nodes) == world else nodes[-1], epoch + 1, start_epoch)
         torch.manual_seed(tc.seed * 1_000 + epoch * 10 + rank)  # attack random starts replay on resume
         t0 = time.perf_counter()
         stats = train_epoch(
@@ -122,19 +132,36 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                 "history": history,
                 "config": cfg.to_dict(),
                 "model_meta": meta,
-                "provenance": provenance(seed=tc.seed, world_size=world, device=str(device)),
+                "provenance": provenance(seed=tc.seed, world_size=world, device=str(device), worker_nodes=nodes),
             })
-            _write_metrics(run_dir / "metrics.jsonl", history)
+            write_jsonl(run_dir / "metrics.jsonl", history)
+            if mirror is not None:
+                push(run_dir, mirror)  # the checkpoint outlives this node
             log(_epoch_line(metrics, tc.epochs))
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
-def _write_metrics(path: Path, history: List[Dict[str, Any]]) -> None:
-    from ..io import atomic_path
-    import json
+def _worker_nodes(world: int) -> List[Optional[str]]:
+    """The Ray node id of every rank (all-gathered), or just this one's when there is no process group."""
+    import ray
+    import torch.distributed as dist
 
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+    node = ray.get_runtime_context().get_node_id()
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        nodes: List[Optional[str]] = [None] * world
+        dist.all_gather_object(nodes, node)
+        return nodes
+    return [node]
+
+
+def _record_worker(run_dir: Path, rank: int, node: Optional[str], epoch: int, start_epoch: int) -> None:
+    """`<run_dir>/workers/rank<r>.json`: which process on which node trains which epoch (ops and fault tests)."""
+    import os
+    import socket
+
+    write_json(run_dir / "workers" / f"rank{rank}.json", {
+        "rank": rank, "pid": os.getpid(), "node_id": node, "host": socket.gethostname(),
+        "epoch": epoch, "start_epoch": start_epoch, "updated": time.time()})
 
 
 def _epoch_line(m: Dict[str, Any], epochs: int) -> str:
@@ -157,6 +184,9 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
 
     METHODS.get(cfg.train.method), MODELS.get(cfg.model.name), DATASETS.get(cfg.data.name)  # fail fast on names
     run_dir = Path(run_dir).resolve()
+    mirror = mirror_for(cfg, run_dir)
+    if mirror is not None:
+        pull(mirror, run_dir)
     payload = check_resumable(run_dir, cfg)
     resumed_from = int(payload["epoch"]) if payload else None
     if payload and resumed_from >= cfg.train.epochs:
@@ -167,7 +197,8 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
         use_gpu = _use_gpu(cfg)
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir)},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
+                               "mirror": mirror.to_dict() if mirror else None},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=f"train-{cfg.train.method}", storage_path=str(run_dir / "ray"),
@@ -180,6 +211,8 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
             trainer.fit()
         except Exception as e:  # surface a user error from inside a worker as itself
             raise _unwrap(e) from None
+        if mirror is not None:  # rank 0 may have run on another node
+            pull(mirror, run_dir)
     latest = latest_valid_checkpoint(run_dir / "checkpoints")
     if latest is None:
         raise RayRobustError(f"training finished but no checkpoint is in {run_dir / 'checkpoints'}")
@@ -187,6 +220,8 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
     write_json(run_dir / "train.json", {"checkpoint": str(latest), "epochs": payload["epoch"],
                                         "metrics": payload["history"], "provenance": payload["provenance"],
                                         "config": payload["config"]})
+    if mirror is not None:
+        push(run_dir, mirror)
     return TrainResult(run_dir, latest, int(payload["epoch"]), list(payload["history"]), resumed_from)
 
 
