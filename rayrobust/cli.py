@@ -38,6 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run all stages for every method in cfg.methods and write <run_dir>/summary.json.")
     _common(p)
 
+    p = sub.add_parser("extract", help="latents of the training set under a checkpoint (Ray Data) -> Parquet",
+                       description="Run forward_features over the training images in a Ray Data actor pool; writes "
+                                   "<run_dir>/semantic/latents/*.parquet and a manifest.")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="PATH", help="source checkpoint (default: latest of semantic.source_method)")
+
+    p = sub.add_parser("cluster", help="adaptive per-class faiss k-means of the latents on Ray actors",
+                       description="Choose K per class in [1, semantic.k_max] by silhouette; writes "
+                                   "<run_dir>/semantic/clusters/ (clusters.json, centroids, means, variances).")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="PATH", help="check the latents' dimension against this model")
+
+    p = sub.add_parser("dictionaries", help="one sparse dictionary of high-frequency patches per cluster, on Ray actors",
+                       description="Learn semantic reconstruction dictionaries; writes <run_dir>/semantic/dictionaries/.")
+    _common(p)
+
     p = sub.add_parser("config", help="print the resolved config as JSON", description="Validate and print the config.")
     _common(p)
 
@@ -96,6 +112,33 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from .semantic.stages import load_source_dataset, run_extract_stage
+
+    cfg = _load(args)
+    manifest = run_extract_stage(cfg.semantic, cfg.run_dir, args.checkpoint, load_source_dataset(cfg.data, cfg.semantic))
+    print(json.dumps({k: manifest[k] for k in ("n", "dim") if k in manifest}, indent=2))
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from .semantic.stages import run_cluster_stage
+
+    cfg = _load(args)
+    out = run_cluster_stage(cfg.semantic, cfg.run_dir, args.checkpoint)
+    print(json.dumps({"k_per_class": out.get("k_per_class")}, indent=2))
+    return 0
+
+
+def cmd_dictionaries(args) -> int:
+    from .semantic.stages import load_source_dataset, run_dictionaries_stage
+
+    cfg = _load(args)
+    manifest = run_dictionaries_stage(cfg.semantic, cfg.run_dir, load_source_dataset(cfg.data, cfg.semantic))
+    print(json.dumps({"num_clusters": manifest.get("num_clusters"), "params": manifest.get("params")}, indent=2))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(json.dumps(_load(args).to_dict(), indent=2))
     return 0
@@ -112,7 +155,8 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "pipeline": cmd_pipeline, "config": cmd_config, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "pipeline": cmd_pipeline, "extract": cmd_extract,
+            "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, get_type_hints
 import yaml
 
 from .errors import ConfigError
+from .semantic.config import SemanticConfig
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -108,25 +109,34 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
 
 
+PIPELINE_STAGES = ("train", "evaluate", "extract", "cluster", "dictionaries")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "default"
     run_dir: str = "runs/default"  # every artifact of the experiment goes under here
     methods: List[str] = field(default_factory=lambda: ["standard", "fgsm_rs", "pgd_at"])  # `pipeline` trains each
+    stages: List[str] = field(default_factory=lambda: ["train", "evaluate"])  # what `pipeline` runs, in this order
     ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start a local one
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
 
     def __post_init__(self) -> None:
         _check(len(self.methods) >= 1, "methods must list at least one method")
+        unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
+        _check(not unknown, f"stages={self.stages}: unknown stage(s) {unknown}; valid stages: {', '.join(PIPELINE_STAGES)}")
+        _check(len(self.stages) >= 1, f"stages must list at least one of: {', '.join(PIPELINE_STAGES)}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+            "semantic": SemanticConfig}
 
 
 def _valid_keys(cls) -> List[str]:

@@ -46,21 +46,28 @@ def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_a
 
 
 def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """Run `cfg.stages` in order: train and evaluate every method, then the semantic latent stages."""
     from .evaluation import evaluate_checkpoint
     from .train import fit
 
     rows = []
-    for method in cfg.methods:
-        print(f"== {method}: training ({cfg.train.epochs} epoch(s), {cfg.train.num_workers} Ray Train worker(s))", flush=True)
-        trained = fit(cfg, method_dir(cfg, method), method=method)
-        out = method_dir(cfg, method) / "eval.json"
-        res = _cached_eval(out, trained.checkpoint, cfg)
-        if res is None:
-            print(f"== {method}: evaluating {trained.checkpoint.name}", flush=True)
-            res = evaluate_checkpoint(cfg, trained.checkpoint, out, label=method)
-        else:
-            print(f"== {method}: reusing {out} (same checkpoint and eval settings)", flush=True)
-        rows.append(summary_row(res))
+    trained = {}
+    if "train" in cfg.stages:
+        for method in cfg.methods:
+            print(f"== {method}: training ({cfg.train.epochs} epoch(s), {cfg.train.num_workers} Ray Train worker(s))", flush=True)
+            trained[method] = fit(cfg, method_dir(cfg, method), method=method).checkpoint
+    if "evaluate" in cfg.stages:
+        for method in cfg.methods:
+            ckpt = trained.get(method) or _latest(cfg, method)
+            out = method_dir(cfg, method) / "eval.json"
+            res = _cached_eval(out, ckpt, cfg)
+            if res is None:
+                print(f"== {method}: evaluating {ckpt.name}", flush=True)
+                res = evaluate_checkpoint(cfg, ckpt, out, label=method)
+            else:
+                print(f"== {method}: reusing {out} (same checkpoint and eval settings)", flush=True)
+            rows.append(summary_row(res))
+    semantic = _run_semantic(cfg) if any(s in cfg.stages for s in ("extract", "cluster", "dictionaries")) else None
     ec = cfg.eval
     summary = {
         "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval, "n_autoattack": ec.n_autoattack,
@@ -69,7 +76,39 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         "rows": rows,
         "provenance": provenance(config=cfg.to_dict(), seed=cfg.train.seed),
     }
+    if semantic is not None:
+        summary["semantic"] = semantic
     write_json(Path(cfg.run_dir) / "summary.json", summary)
-    print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
+    if rows:
+        print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
     print(f"summary: {Path(cfg.run_dir) / 'summary.json'}", flush=True)
     return summary
+
+
+def _latest(cfg: ExperimentConfig, method: str) -> Path:
+    from .checkpoint import latest_valid_checkpoint
+    from .errors import CheckpointError
+
+    ckpt = latest_valid_checkpoint(method_dir(cfg, method) / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint for {method} in {method_dir(cfg, method) / 'checkpoints'}; "
+                              "add 'train' to stages or run `rayrobust train` first")
+    return ckpt
+
+
+def _run_semantic(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """The latent stages named in cfg.stages, from semantic.source_method's latest checkpoint."""
+    from .semantic.stages import (load_source_dataset, run_cluster_stage, run_dictionaries_stage,
+                                  run_extract_stage)
+
+    sc = cfg.semantic
+    ckpt = _latest(cfg, sc.source_method)
+    out: Dict[str, Any] = {"source_checkpoint": str(ckpt)}
+    dataset = load_source_dataset(cfg.data, sc) if {"extract", "dictionaries"} & set(cfg.stages) else None
+    if "extract" in cfg.stages:
+        out["latents"] = {k: v for k, v in run_extract_stage(sc, cfg.run_dir, ckpt, dataset).items() if k in ("n", "dim")}
+    if "cluster" in cfg.stages:
+        out["k_per_class"] = run_cluster_stage(sc, cfg.run_dir, ckpt).get("k_per_class")
+    if "dictionaries" in cfg.stages:
+        out["dictionaries"] = run_dictionaries_stage(sc, cfg.run_dir, dataset).get("num_clusters")
+    return out

@@ -82,7 +82,8 @@ class RayShards:
 
 
 def cluster_distributed(source: Union[str, Path, Tuple[np.ndarray, np.ndarray, np.ndarray]], *, num_shards: int = 2,
-                        actor_options: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Tuple[ClusterResult, Dict[str, Any]]:
+                        actor_options: Optional[Dict[str, Any]] = None,
+                        **kwargs: Any) -> Tuple[ClusterResult, Dict[str, Any]]:
     """`adaptive_cluster` over Ray actors. source: a latents directory (each actor loads some of its
     Parquet files) or in-memory (index, labels, latents) split by row.
 
@@ -109,7 +110,7 @@ def cluster_distributed(source: Union[str, Path, Tuple[np.ndarray, np.ndarray, n
 
 
 def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, threshold: float = 0.2,
-                iters: int = 25, sample_size: int = 2000, seed: int = 0, var_floor: float = 1e-4,
+                iters: int = 25, n_init: int = 3, sample_size: int = 2000, seed: int = 0, var_floor: float = 1e-4,
                 num_shards: int = 2, expected_dim: Optional[int] = None, overwrite: bool = False,
                 actor_options: Optional[Dict[str, Any]] = None, verbose: bool = True) -> Dict[str, Any]:
     """Cluster the latents in `latents` (a directory with latents/) on Ray; write `<out_dir>/clusters/`.
@@ -126,7 +127,7 @@ def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, thr
 
         raise LatentError(f"latents in {src} have dimension {lat_manifest['dim']} but the model gives "
                           f"{expected_dim}; they come from another model: re-run extract with overwrite")
-    settings = {"k_max": k_max, "threshold": threshold, "iters": iters, "sample_size": sample_size,
+    settings = {"k_max": k_max, "threshold": threshold, "iters": iters, "n_init": n_init, "sample_size": sample_size,
                 "seed": seed, "var_floor": var_floor}
     key = {"latents": lat_manifest["reuse_key"], **settings}
     dest = Path(out_dir) / CLUSTERS_DIR
@@ -137,7 +138,7 @@ def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, thr
     t0 = time.perf_counter()
     result, nodes = cluster_distributed(
         src, num_shards=num_shards, actor_options=actor_options, k_max=k_max, threshold=threshold, iters=iters,
-        sample_size=sample_size, seed=seed, var_floor=var_floor, expected_dim=expected_dim,
+        n_init=n_init, sample_size=sample_size, seed=seed, var_floor=var_floor, expected_dim=expected_dim,
         progress=(lambda m: _log(verbose, m)))
     from ..io import provenance
 

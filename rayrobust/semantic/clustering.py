@@ -68,8 +68,8 @@ class ClusterResult:
     seconds: float = 0.0
 
 
-def _job_seed(seed: int, c: int, k: int) -> int:
-    return int(np.random.SeedSequence([seed, c, k]).generate_state(1)[0])
+def _job_seed(seed: int, c: int, k: int, r: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, c, k, r]).generate_state(1)[0])
 
 
 def pairwise_distances(sample: np.ndarray) -> np.ndarray:
@@ -152,22 +152,34 @@ def _samples(group, counts: Dict[int, int], sample_size: int, seed: int) -> Dict
     return samples
 
 
-def adaptive_cluster(group, *, k_max: int, threshold: float, iters: int = 25, sample_size: int = 2000,
-                     seed: int = 0, var_floor: float = 1e-4, expected_dim: Optional[int] = None,
+def adaptive_cluster(group, *, k_max: int, threshold: float, iters: int = 25, n_init: int = 3,
+                     sample_size: int = 2000, seed: int = 0, var_floor: float = 1e-4,
+                     expected_dim: Optional[int] = None,
                      progress: Optional[Callable[[str], None]] = None) -> ClusterResult:
-    """Cluster every class of the data held by `group` (a ShardGroup) with adaptive K."""
+    """Cluster every class of the data held by `group` (a ShardGroup) with adaptive K.
+
+    k_max: K in [1, k_max]; threshold: silhouette a K>=2 must beat; iters: Lloyd iterations at most;
+    n_init: k-means++ inits per (class, K>=2), lowest inertia kept; sample_size: points per class for
+    seeding and silhouette; var_floor: floor of the diagonal variances (latent units^2).
+    """
     if k_max < 1:
         raise ConfigError(f"k_max={k_max} must be >= 1 (K is chosen per class in [1, k_max])")
-    if iters < 1 or sample_size < 2 or var_floor <= 0:
-        raise ConfigError(f"iters={iters} >= 1, sample_size={sample_size} >= 2 and var_floor={var_floor} > 0 required")
+    if iters < 1 or n_init < 1 or sample_size < 2 or var_floor <= 0:
+        raise ConfigError(f"iters={iters} >= 1, n_init={n_init} >= 1, sample_size={sample_size} >= 2 and "
+                          f"var_floor={var_floor} > 0 required")
     log = progress or (lambda msg: None)
     t0 = time.perf_counter()
     counts = _describe(group, expected_dim, k_max)
     samples = _samples(group, counts, sample_size, seed)
-    jobs = {(c, k): KMeansJob(f"c{c}k{k}", c, k, samples[c], iters=iters, seed=_job_seed(seed, c, k))
-            for c in counts for k in range(1, k_max + 1)}
-    log(f"clusters: {len(counts)} classes x K in [1, {k_max}] = {len(jobs)} k-means runs, concurrently")
-    run_jobs(list(jobs.values()), lambda batch: group.call("step", batch))
+    runs = {(c, k, r): KMeansJob(f"c{c}k{k}r{r}", c, k, samples[c], iters=iters, seed=_job_seed(seed, c, k, r))
+            for c in counts for k in range(1, k_max + 1) for r in range(1 if k == 1 else n_init)}
+    log(f"clusters: {len(counts)} classes x K in [1, {k_max}] x {n_init} inits = {len(runs)} k-means runs, "
+        "all in lockstep")
+    run_jobs(list(runs.values()), lambda batch: group.call("step", batch))
+    jobs: Dict[tuple, KMeansJob] = {}  # per (class, K): the init with the lowest inertia
+    for (c, k, _), job in runs.items():
+        if (c, k) not in jobs or job.inertia[-1] < jobs[c, k].inertia[-1]:
+            jobs[c, k] = job
 
     scores: Dict[int, Dict[int, float]] = {c: {} for c in counts}
     chosen: Dict[int, int] = {}
@@ -182,7 +194,7 @@ def adaptive_cluster(group, *, k_max: int, threshold: float, iters: int = 25, sa
             + (" ".join(f"K{k}={s:.3f}" for k, s in scores[c].items()) or "-"))
 
     final = group.call("finish", [(jobs[c, chosen[c]].id, c, jobs[c, chosen[c]].centroids) for c in counts])
-    group.call("forget", [j.id for j in jobs.values()])
+    group.call("forget", [j.id for j in runs.values()])
     cent, means, variances, sizes, owner, index, assign = [], [], [], [], [], [], []
     offset = 0
     for c in counts:
@@ -210,7 +222,7 @@ def adaptive_cluster(group, *, k_max: int, threshold: float, iters: int = 25, sa
         variances=np.concatenate(variances).astype(np.float32), counts=np.concatenate(sizes).astype(np.int64),
         cluster_class=np.concatenate(owner), index=index_all[order],
         assignment=np.concatenate(assign).astype(np.int64)[order],
-        settings={"k_max": k_max, "silhouette_threshold": threshold, "kmeans_iters": iters,
+        settings={"k_max": k_max, "silhouette_threshold": threshold, "kmeans_iters": iters, "kmeans_n_init": n_init,
                   "silhouette_sample": sample_size, "seed": seed, "var_floor": var_floor,
                   "criterion": "silhouette (euclidean) on a seeded per-class sample; K=1 unless best > threshold"},
         seconds=time.perf_counter() - t0)

@@ -8,7 +8,7 @@ Example:
     >>> SemanticConfig(k_max=0)
     Traceback (most recent call last):
     ...
-    rayrobust.errors.ConfigError: semantic.k_max=0 must be >= 1 (K is chosen per class in [1, k_max]) ...
+    rayrobust.errors.ConfigError: semantic.k_max=0 must be >= 1 (K is chosen per class in [1, k_max]); use 1 ...
 """
 from __future__ import annotations
 
@@ -38,13 +38,14 @@ class SemanticConfig:
     silhouette_threshold: float = 0.2  # K=1 unless the best K>=2 scores above this (silhouette, [-1, 1])
     silhouette_sample: int = 2000  # points per class scored by silhouette (also the k-means++ seeding sample)
     kmeans_iters: int = 25  # Lloyd iterations at most (stops earlier when no assignment changes)
+    kmeans_n_init: int = 3  # k-means++ initialisations per (class, K >= 2); the lowest inertia wins
     num_shards: int = 2  # Ray actors holding latent shards for the k-means assignment step
     var_floor: float = 1e-4  # floor on per-dimension cluster variances, latent units^2 (Mahalanobis)
     # --- dictionaries (sparse coding of high-frequency patches) ----------------------------------
     patch_size: int = 4  # p: p x p patches, pixels (4 for 28x28 Fashion-MNIST; 4-6 for 32x32 CIFAR)
     patch_stride: int = 2  # pixels between patch origins; < patch_size overlaps and averages
     n_atoms: int = 32  # atoms per cluster dictionary (2x overcomplete for 1-channel 4x4 patches)
-    sparsity: float = 0.1  # lambda: L1 weight of the codes, (pixel units)^2 (0.5*||x - aD||^2 + lambda*|a|_1); ~3 codes/patch
+    sparsity: float = 0.1  # lambda, (pixel units)^2: 0.5*||x - aD||^2 + lambda*|a|_1; ~3 codes per patch
     fista_iters: int = 30  # FISTA iterations per sparse code, in learning and in purification (unrolled)
     dict_iters: int = 20  # alternating (sparse code, MOD dictionary update) rounds
     blur_sigma: float = 1.0  # Gaussian blur sigma, pixels: x_low = blur(x), x_high = x - x_low
@@ -67,6 +68,7 @@ class SemanticConfig:
         _check(self.silhouette_sample >= 10,
                f"semantic.silhouette_sample={self.silhouette_sample} must be >= 10 points (2000 is a good value)")
         _check(self.kmeans_iters >= 1, f"semantic.kmeans_iters={self.kmeans_iters} must be >= 1")
+        _check(self.kmeans_n_init >= 1, f"semantic.kmeans_n_init={self.kmeans_n_init} must be >= 1")
         _check(self.num_shards >= 1, f"semantic.num_shards={self.num_shards} must be >= 1")
         _check(self.var_floor > 0, f"semantic.var_floor={self.var_floor} must be > 0 (it keeps Mahalanobis finite)")
         _check(self.patch_size >= 2, f"semantic.patch_size={self.patch_size} must be >= 2 pixels")

@@ -161,7 +161,8 @@ def save_dictionaries(directory: Path, dicts: Dict[int, np.ndarray], infos: Dict
 def load_dictionaries(directory: str | Path) -> Tuple[np.ndarray, Dict[str, Any]]:
     """(dictionaries (K, n_atoms, C*p*p) float32 in cluster order, manifest)."""
     directory = Path(directory)
-    manifest = read_manifest(directory, stage="dictionaries", hint="run the dictionaries stage first (`rayrobust dictionaries`)")
+    manifest = read_manifest(directory, stage="dictionaries",
+                             hint="run the dictionaries stage first (`rayrobust dictionaries`)")
     files = manifest["files"]
     return np.stack([np.load(directory / files[str(k)]) for k in range(len(files))]), manifest
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -205,11 +206,12 @@ def run_extract(
 
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = True  # shards come out in index order: reproducible files
     t0 = time.perf_counter()
-    ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
+    with warnings.catch_warnings():  # Ray 2.60's DataContext warns about its own deprecated fields
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
+    ds.context.enable_progress_bars = False  # this dataset's own copy of the context, not the global one
+    ds.context.execution_options.preserve_order = True  # shards come out in index order: reproducible files
     ds = ds.map_batches(
         LatentExtractor,
         fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": dataset.shape,
@@ -222,9 +224,11 @@ def run_extract(
     nodes: Dict[str, int] = {}  # node id -> rows it extracted
     workers: Dict[str, int] = {}  # "node:pid" of each actor -> rows
     shards = []
+    first_output = None  # seconds until the first latents came back (actor start + model load)
     schema = latent_schema(dim)
     with atomic_dir(dest) as tmp:
         for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="pyarrow"):
+            first_output = first_output or time.perf_counter() - t0
             for column, tally in (("node", nodes), ("worker", workers)):
                 names, counts = np.unique(batch.column(column).to_numpy(zero_copy_only=False), return_counts=True)
                 for name, count in zip(names, counts):
@@ -245,7 +249,8 @@ def run_extract(
             "columns": {"index": "int64", "label": "int64", "latent": f"fixed_size_list<float32>[{dim}]"},
             "shards": shards, "nodes": nodes, "workers": workers,
             "compute": {"actors": actors, "per_actor": per_actor, "batch_size": batch_size, "block_rows": block_rows},
-            "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1)},
+            "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1),
+                        "first_output_s": round(first_output, 3)},
             "provenance": provenance(),
         }
         write_json(tmp / MANIFEST, manifest)

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 
 StepStats = Tuple[np.ndarray, np.ndarray, float, int]  # sums (K, d) f64, counts (K,) i64, inertia, changed
 
@@ -49,26 +50,34 @@ def nearest(x: np.ndarray, centroids: np.ndarray, threads: Optional[int] = 1) ->
 
 
 def cluster_sums(x64: np.ndarray, labels: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums (k, d) float64 and counts (k,) int64 of rows x64 (N, d) float64."""
-    onehot = np.zeros((len(labels), k), np.float64)  # (N, k)
-    onehot[np.arange(len(labels)), labels] = 1.0
-    return onehot.T @ x64, np.bincount(labels, minlength=k).astype(np.int64)
+    """Per-cluster sums (k, d) float64 and counts (k,) int64 of rows x64 (N, d) float64.
+
+    float64 sums of float32 values are (all but) exact, so they do not depend on how rows are
+    split into shards. A sparse (k, N) indicator product: N*d adds, single-threaded, ~3x faster
+    than a dense one-hot matmul.
+    """
+    n = len(labels)
+    indicator = sp.csc_matrix((np.ones(n), np.asarray(labels, np.int64), np.arange(n + 1)), shape=(k, n))  # (k, N)
+    return np.asarray(indicator @ x64), np.bincount(labels, minlength=k).astype(np.int64)
 
 
 class LatentShard:
     """Rows of latents held for the assignment step. Plain class; a Ray actor at the call site.
 
-    index (N,) int64, labels (N,) int64 class ids, latents (N, d) float32.
+    index (N,) int64, labels (N,) int64 class ids, latents (N, d) float32. Rows are kept grouped by
+    class (then by index), so a class's rows are a contiguous view; memory ~3x the latents (float32
+    rows + a float64 copy for exact sums).
     """
 
     def __init__(self, index: np.ndarray, labels: np.ndarray, latents: np.ndarray, threads: Optional[int] = 1):
         self.threads = threads  # faiss OpenMP threads for the assignment step
-        order = np.argsort(index, kind="stable")
+        order = np.lexsort((np.asarray(index), np.asarray(labels)))  # by class, then by index
         self.index = np.asarray(index, np.int64)[order]
         self.labels = np.asarray(labels, np.int64)[order]
-        self.x = np.ascontiguousarray(latents, np.float32)[order]  # (N, d)
-        self._rows: Dict[int, np.ndarray] = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
-        self._x64: Dict[int, np.ndarray] = {}  # class -> (n_c, d) float64, made on first use
+        self.x = np.ascontiguousarray(np.asarray(latents, np.float32)[order])  # (N, d)
+        classes, starts, sizes = np.unique(self.labels, return_index=True, return_counts=True)
+        self._rows: Dict[int, slice] = {int(c): slice(s, s + n) for c, s, n in zip(classes, starts, sizes)}
+        self._x64: Dict[int, np.ndarray] = {}  # class -> its rows (n_c, d) as float64, made on first use
         self._assign: Dict[str, np.ndarray] = {}  # job id -> this shard's last labels for that job
 
     @classmethod
@@ -89,7 +98,7 @@ class LatentShard:
         """dim, per-class counts and per-class count of non-finite rows (NaN/inf latents)."""
         bad = ~np.isfinite(self.x).all(axis=1)
         return {"dim": int(self.x.shape[1]), "n": len(self.index),
-                "counts": {c: len(r) for c, r in self._rows.items()},
+                "counts": {c: r.stop - r.start for c, r in self._rows.items()},
                 "nonfinite": {c: int(bad[r].sum()) for c, r in self._rows.items() if bad[r].any()}}
 
     def class_indices(self) -> Dict[int, np.ndarray]:
@@ -100,17 +109,18 @@ class LatentShard:
         """{class: wanted dataset indices} -> {class: (index (M,), latents (M, d))} of the rows held here."""
         out = {}
         for c, wanted in requests.items():
-            rows = self._rows.get(c, np.zeros(0, np.int64))
-            hit = rows[np.isin(self.index[rows], wanted)]
-            out[c] = (self.index[hit], self.x[hit])
+            rows = self._rows.get(c, slice(0, 0))
+            hit = np.isin(self.index[rows], wanted)
+            out[c] = (self.index[rows][hit], self.x[rows][hit])
         return out
 
     # --- the assignment step -----------------------------------------------------------------------
     def _class_x(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
-        rows = self._rows.get(c, np.zeros(0, np.int64))
+        """Class c's rows as float32 (a view, for faiss) and float64 (for exact sums)."""
+        x = self.x[self._rows.get(c, slice(0, 0))]  # (n_c, d) contiguous view
         if c not in self._x64:
-            self._x64[c] = self.x[rows].astype(np.float64)
-        return self.x[rows], self._x64[c]
+            self._x64[c] = x.astype(np.float64)
+        return x, self._x64[c]
 
     def step(self, jobs: Sequence[Tuple[str, int, np.ndarray]]) -> Dict[str, StepStats]:
         """One assignment step for each (job id, class, centroids (K, d)) -> {job id: StepStats}."""
@@ -121,7 +131,7 @@ class LatentShard:
             sums, counts = cluster_sums(x64, labels, len(centroids))
             prev = self._assign.get(job)
             changed = len(labels) if prev is None else int((prev != labels).sum())
-            self._assign[job] = labels
+            self._assign[job] = labels.astype(np.int32)  # kept for the next step's `changed` count
             out[job] = (sums, counts, float(dist.astype(np.float64).sum()), changed)
         return out
 
@@ -133,7 +143,8 @@ class LatentShard:
             labels, dist = nearest(x, centroids, self.threads)
             sums, counts = cluster_sums(x64, labels, len(centroids))
             sumsq, _ = cluster_sums(x64 * x64, labels, len(centroids))
-            out[job] = (self.index[self._rows.get(c, np.zeros(0, np.int64))], labels, sums, sumsq, counts, float(dist.astype(np.float64).sum()))
+            index = self.index[self._rows.get(c, slice(0, 0))]
+            out[job] = (index, labels, sums, sumsq, counts, float(dist.astype(np.float64).sum()))
         return out
 
     def forget(self, jobs: Sequence[str]) -> None:
@@ -226,16 +237,17 @@ def run_jobs(jobs: Sequence[KMeansJob], step) -> None:
         active = [j for j in active if not j.done]
 
 
-def kmeans(x: np.ndarray, k: int, *, iters: int = 25, seed: int = 0,
+def kmeans(x: np.ndarray, k: int, *, iters: int = 25, seed: int = 0, n_init: int = 1,
            sample_size: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, float]:
-    """Single-process k-means on x (N, d): (centroids (k, d), labels (N,), inertia), k-means++ seeded
-    on a seeded sample of `sample_size` rows (None = all)."""
+    """Single-process k-means on x (N, d): (centroids (k, d), labels (N,), inertia). `n_init` runs,
+    each k-means++ seeded on a seeded sample of `sample_size` rows (None = all); lowest inertia wins."""
     x = np.ascontiguousarray(x, np.float32)
     rng = np.random.RandomState(seed)
     m = len(x) if sample_size is None else min(sample_size, len(x))
     sample = x[np.sort(rng.choice(len(x), m, replace=False))]
     shard = LatentShard(np.arange(len(x)), np.zeros(len(x), np.int64), x)
-    job = KMeansJob("kmeans", 0, k, sample, iters=iters, seed=seed)
-    run_jobs([job], lambda batch: [shard.step(batch)])
+    jobs = [KMeansJob(f"kmeans{r}", 0, k, sample, iters=iters, seed=seed + 1000003 * r) for r in range(n_init)]
+    run_jobs(jobs, lambda batch: [shard.step(batch)])
+    job = min(jobs, key=lambda j: j.inertia[-1])
     labels, dist = nearest(x, job.centroids)
     return job.centroids, labels, float(dist.astype(np.float64).sum())

@@ -84,6 +84,7 @@ def run_cluster_stage(cfg: SemanticConfig, run_dir: str | Path,
           f"{cfg.num_shards} shard actor(s)", flush=True)
     sdir = semantic_dir(run_dir)
     return run_cluster(sdir, sdir, k_max=cfg.k_max, threshold=cfg.silhouette_threshold, iters=cfg.kmeans_iters,
+                       n_init=cfg.kmeans_n_init,
                        sample_size=cfg.silhouette_sample, seed=cfg.seed, var_floor=cfg.var_floor,
                        num_shards=cfg.num_shards, expected_dim=expected_dim, overwrite=cfg.overwrite)
 
