@@ -212,6 +212,7 @@ def run_extract(
         ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
     ds.context.enable_progress_bars = False  # this dataset's own copy of the context, not the global one
     ds.context.execution_options.preserve_order = True  # shards come out in index order: reproducible files
+    ds.context.wait_for_min_actors_s = 600  # start every pool actor before dispatching: the work is spread
     ds = ds.map_batches(
         LatentExtractor,
         fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": dataset.shape,
