@@ -1,13 +1,14 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo.yaml [--set key=value ...]`
+"""`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/cifar10.yaml [--set key=value ...]`
 
-Same as `rayrobust pipeline ...`; inside a Ray job it connects to the job's cluster (RAY_ADDRESS).
+Same as `rayrobust pipeline ...`, run as a Ray job: it connects to the job's cluster (RAY_ADDRESS) and,
+with a storage path, pulls the run directory before and pushes it after (jobs/_run.py).
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working directory
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rayrobust.cli import main  # noqa: E402
+from _run import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    sys.exit(run("pipeline", sys.argv[1:]))

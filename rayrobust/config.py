@@ -119,6 +119,7 @@ class ExperimentConfig:
     methods: List[str] = field(default_factory=lambda: ["standard", "fgsm_rs", "pgd_at"])  # `pipeline` trains each
     stages: List[str] = field(default_factory=lambda: ["train", "evaluate"])  # what `pipeline` runs, in this order
     ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start a local one
+    storage_path: Optional[str] = None  # s3://bucket/prefix or file:///...: run_dir is mirrored to <storage_path>/<run_dir name>/ (None: $RAYROBUST_STORAGE_PATH, else no mirror)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -240,15 +240,27 @@ CIFAR100 = CifarSpec("cifar100", "cifar-100-python", {"train": ["train"], "test"
                      (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "CIFAR100")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a CIFAR file can hold nothing that runs code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: CIFAR files hold only arrays and lists")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     """Load one CIFAR batch or meta file as a dict with str keys.
 
     The official files are Python 2 pickles whose keys load as bytes with encoding="bytes"
-    (str keys, from files re-saved by Python 3, are accepted too). These are pickles: only read
-    files from a source you trust."""
+    (str keys, from files re-saved by Python 3, are accepted too). Only numpy arrays and plain
+    containers are accepted (`_ArrayUnpickler`)."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: missing; the CIFAR directory is incomplete, re-download it") from None
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError...

@@ -67,6 +67,7 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
             else:
                 print(f"== {method}: reusing {out} (same checkpoint and eval settings)", flush=True)
             rows.append(summary_row(res))
+            _push(cfg)  # evaluation results reach shared storage as soon as they exist
     semantic = _run_semantic(cfg) if any(s in cfg.stages for s in ("extract", "cluster", "dictionaries")) else None
     ec = cfg.eval
     summary = {
@@ -83,6 +84,14 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
     print(f"summary: {Path(cfg.run_dir) / 'summary.json'}", flush=True)
     return summary
+
+
+def _push(cfg: ExperimentConfig) -> None:
+    from .storage import mirror_for, push
+
+    mirror = mirror_for(cfg, cfg.run_dir)
+    if mirror is not None:
+        push(cfg.run_dir, mirror)
 
 
 def _latest(cfg: ExperimentConfig, method: str) -> Path:

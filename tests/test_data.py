@@ -355,3 +355,24 @@ def test_array_dataset_subset_take_and_validation():
     with pytest.raises(DataError, match="toy"):
         ArrayDataset(x=torch.zeros(3, 1, 2, 2), y=torch.zeros(2, dtype=torch.int64),
                      num_classes=2, name="toy", mean=(0.5,), std=(0.5,))
+
+
+class _CodePayload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {os.environ['RR_CIFAR_PWNED']}",))
+
+
+def test_cifar_file_carrying_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("RR_CIFAR_PWNED", str(marker))
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for name in ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]:
+        (d / name).write_bytes(pickle.dumps({"data": _CodePayload()}, protocol=2))
+    with pytest.raises(DataError, match="refusing to load"):
+        load_dataset("cifar10", "test", root=str(tmp_path))
+    assert not marker.exists()

@@ -3,7 +3,8 @@
 The examples are cut into fixed chunks by global index and chunk k is attacked with the seed
 `chunk_seed(seed, k)`, so the result does not depend on how many actors share the work or which
 actor runs which chunk: a sharded run equals an unsharded one. Actors pull chunks from a queue
-(faster actors take more); a lost actor is restarted by Ray and its chunk retried.
+(faster actors take more) and are spread over the cluster's nodes; a lost actor is restarted by Ray
+(on any node with room) and its chunk retried, with the same seed, so the result is unchanged.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def sharded_autoattack(
     else:
         per_actor = {"num_cpus": 1}
     num_shards = max(1, min(num_shards, len(plan)))
-    Worker = ray.remote(max_restarts=2, max_task_retries=2, **per_actor)(AutoAttackWorker)
+    Worker = ray.remote(max_restarts=2, max_task_retries=2, scheduling_strategy="SPREAD", **per_actor)(AutoAttackWorker)
     kwargs = {"eps": eps, "norm": norm, "version": version, "attacks": list(attacks) if attacks else None}
     model_ref, x_ref, y_ref = ray.put(model.cpu()), ray.put(x.cpu()), ray.put(y.cpu())
     threads = None if "num_gpus" in per_actor else 1

@@ -77,13 +77,14 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    nodes = _worker_nodes(world)  # node id of every rank, for provenance
     torch.set_num_threads(tc.cpus_per_worker)
     device = ray.train.torch.get_device()
+    nodes = _worker_nodes(world, device)  # node id of every rank, for provenance
     log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
 
     ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=cfg.data.train_limit)
     data = train_val_split(ds.x, ds.y, cfg.data.val_size, seed=tc.seed)
+    torch.manual_seed(tc.seed)  # the initial weights: runs with the same seed are the same run
     model = create_model(cfg.model.name, num_classes=ds.num_classes, in_channels=ds.shape[0],
                          input_size=ds.shape[1], mean=ds.mean, std=ds.std)
     optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
@@ -141,13 +142,15 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
-def _worker_nodes(world: int) -> List[Optional[str]]:
+def _worker_nodes(world: int, device: torch.device) -> List[Optional[str]]:
     """The Ray node id of every rank (all-gathered), or just this one's when there is no process group."""
     import ray
     import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
     if world > 1 and dist.is_available() and dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL gathers through the current device: this rank's own GPU
         nodes: List[Optional[str]] = [None] * world
         dist.all_gather_object(nodes, node)
         return nodes
