@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 
 def ensure_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None) -> None:
@@ -34,3 +34,16 @@ def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_use_gpu(use_gpu: Optional[bool]) -> Tuple[bool, int]:
+    """(whether to use GPUs, GPUs in the cluster); None means "when the cluster has them"."""
+    import ray
+
+    from .errors import ConfigError
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use = gpus > 0 if use_gpu is None else use_gpu
+    if use and gpus == 0:
+        raise ConfigError("use_gpu=True but the Ray cluster has no GPU; set it to null (auto) or false")
+    return use, gpus

@@ -10,16 +10,9 @@ from rayrobust.attacks import (AA_STANDARD, ATTACKS, FGSM, PGD, accuracy, autoat
 from rayrobust.attacks.autoattack import _verify
 from rayrobust.errors import ConfigError, DataError
 
-pytestmark = pytest.mark.filterwarnings("ignore::Warning")  # pyautoattack's own warnings
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning"),  # pyautoattack's own warnings
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _digits():

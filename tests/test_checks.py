@@ -11,16 +11,10 @@ from rayrobust.attacks.checks import (Flag, check_deterministic, check_large_eps
                                       check_square_vs_whitebox, check_zero_gradients, failed,
                                       run_model_checks)
 
-pytestmark = pytest.mark.filterwarnings("ignore::Warning")  # pyautoattack's own warnings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning"),  # pyautoattack's own warnings
+              pytest.mark.usefixtures("one_thread")]
 
 MODEL_FLAGS = {"zero_gradients", "softmax_output", "nondeterministic", "robust_above_clean",
                "not_monotone_in_eps", "robust_at_large_eps", "more_steps_raise_accuracy"}

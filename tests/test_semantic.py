@@ -24,13 +24,7 @@ from conftest import train_plain
 PARAMS = DictionaryParams(max_images_per_cluster=150, max_patches_per_cluster=3000, dict_iters=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matmuls: on a shared 2-core machine one torch thread is ~10x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n_classes=20, d=32, per_mode=200, sep=10.0, seed=0):

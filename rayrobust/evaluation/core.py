@@ -51,6 +51,23 @@ def _pgd_accuracy(model: nn.Module, x, y, *, eps, norm, steps, restarts, seed, b
     return accuracy(model, x, y, batch_size), robust_accuracy(model, attack, x, y, batch_size)
 
 
+def _on_accelerator(fn, *args, **kwargs):
+    """Run `fn` here when this process has a GPU or the cluster has none; otherwise as a Ray task on
+    one of the cluster's GPUs (a CPU-only head node drives a GPU cluster)."""
+    if torch.cuda.is_available():
+        return fn(*args, **kwargs)
+    import ray
+
+    if not ray.is_initialized() or ray.cluster_resources().get("GPU", 0) < 1:
+        return fn(*args, **kwargs)
+
+    def on_gpu(*a, **kw):
+        moved = [v.cuda() if isinstance(v, (torch.Tensor, nn.Module)) else v for v in a]
+        return fn(*moved, **kw)
+
+    return ray.get(ray.remote(num_gpus=1)(on_gpu).remote(*args, **kwargs))
+
+
 def _printer(enabled: bool, label: str):
     def progress(done: int, total: int) -> None:
         if enabled:
@@ -94,12 +111,14 @@ def evaluate(
         raise ConfigError(f"n_autoattack={n_autoattack} must be between 0 and n={n}")
     x, y, ds_name = _as_tensors(dataset, n)
     _validate_inputs(x, y)
+    if n_autoattack:
+        ensure_ray(ray_address)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
     t0 = time.perf_counter()
-    clean_acc, pgd_acc = _pgd_accuracy(model, x, y, eps=eps, norm=norm, steps=pgd_steps, restarts=pgd_restarts,
-                                       seed=seed, batch_size=batch_size)
+    clean_acc, pgd_acc = _on_accelerator(_pgd_accuracy, model, x, y, eps=eps, norm=norm, steps=pgd_steps,
+                                         restarts=pgd_restarts, seed=seed, batch_size=batch_size)
     if verbose:
         print(f"  [{label}] clean {clean_acc:.4f}  PGD-{pgd_steps} {pgd_acc:.4f}  (n={len(x)}, {time.perf_counter() - t0:.1f}s)",
               file=sys.stderr, flush=True)
@@ -112,7 +131,6 @@ def evaluate(
     }
     flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
     if n_autoattack:
-        ensure_ray(ray_address)
         xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
         aa = sharded_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
                                 chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
@@ -132,8 +150,8 @@ def evaluate(
     if checks:
         n_checks = min(len(x), max(n_autoattack, 200))
         t_checks = time.perf_counter()
-        model_flags, measurements = run_model_checks(model, x[:n_checks], y[:n_checks], eps=eps, norm=norm, seed=seed,
-                                                     batch_size=batch_size)
+        model_flags, measurements = _on_accelerator(run_model_checks, model, x[:n_checks], y[:n_checks], eps=eps,
+                                                    norm=norm, seed=seed, batch_size=batch_size)
         flags += model_flags
         result["measurements"] = measurements
         if verbose:

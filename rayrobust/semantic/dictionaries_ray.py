@@ -36,7 +36,7 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
     import ray
 
     from ..io import provenance
-    from ..raycluster import ensure_ray
+    from ..raycluster import ensure_ray, resolve_use_gpu
 
     if num_actors < 1:
         raise ConfigError(f"semantic.dict_actors={num_actors} must be >= 1")
@@ -57,10 +57,7 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
         return old
 
     ensure_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if use_gpu and gpus == 0:
-        raise ConfigError("use_gpu=True but the Ray cluster has no GPU; set semantic.use_gpu=null or false")
+    use_gpu, gpus = resolve_use_gpu(use_gpu)
     num_clusters = len(cl["centroids"])
     actors_n = max(1, min(num_actors, num_clusters, gpus if use_gpu else num_actors))
     options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}

@@ -177,7 +177,7 @@ def run_extract(
     """
     import ray
 
-    from ..raycluster import ensure_ray
+    from ..raycluster import ensure_ray, resolve_use_gpu
 
     if num_actors < 1 or batch_size < 1:
         raise ConfigError(f"num_actors={num_actors} and batch_size={batch_size} must both be >= 1")
@@ -194,10 +194,7 @@ def run_extract(
         return old
 
     ensure_ray()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    if use_gpu and gpus == 0:
-        raise ConfigError("use_gpu=True but the Ray cluster has no GPU; set semantic.use_gpu=null or false")
+    use_gpu, gpus = resolve_use_gpu(use_gpu)
     actors = min(num_actors, gpus) if use_gpu else num_actors
     per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     dim = int(getattr(model, "num_features", 0)) or extract_latents(model, dataset.x[:1], 1).shape[1]

@@ -236,11 +236,9 @@ def _preflight_data(cfg: ExperimentConfig) -> None:
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
-    if cfg.train.use_gpu is not None:
-        return cfg.train.use_gpu
-    import ray
+    from ..raycluster import resolve_use_gpu
 
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return resolve_use_gpu(cfg.train.use_gpu)[0]
 
 
 def _unwrap(e: BaseException) -> BaseException:
