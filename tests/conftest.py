@@ -36,6 +36,29 @@ def digits():
     return load_dataset("digits", "train"), load_dataset("digits", "test")
 
 
+def digits_arrays():
+    """All 1797 scikit-learn digits as (x (N,1,8,8) in [0,1], y)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8) in [0,1]
+    return x, torch.tensor(d.target)
+
+
+def train_mlp(x, y, epochs=30, seed=0):
+    """A 64-64-10 MLP trained with Adam for a few seconds; eval mode, no gradients left behind."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(100):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
 def train_plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 0.05,
                 seed: int = 0) -> torch.nn.Module:
     """A few seconds of plain full-batch-ish training, for tests that need a sensible model."""

@@ -12,6 +12,7 @@ from rayrobust.attacks.checks import (Flag, check_deterministic, check_large_eps
                                       run_model_checks)
 
 
+from conftest import digits_arrays, train_mlp  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::Warning"),  # pyautoattack's own warnings
               pytest.mark.usefixtures("one_thread")]
@@ -20,31 +21,10 @@ MODEL_FLAGS = {"zero_gradients", "softmax_output", "nondeterministic", "robust_a
                "not_monotone_in_eps", "robust_at_large_eps", "more_steps_raise_accuracy"}
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8) in [0,1]
-    return x, torch.tensor(d.target)
-
-
-def _train_mlp(x, y, epochs=30, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(100):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def digits():
-    x, y = _digits()
-    model = _train_mlp(x[:1400], y[:1400])
+    x, y = digits_arrays()
+    model = train_mlp(x[:1400], y[:1400])
     return model, x[1400:1700], y[1400:1700]  # 300 held-out examples
 
 
