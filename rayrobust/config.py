@@ -71,6 +71,11 @@ class TrainConfig:
     max_failures: int = 2  # Ray Train restarts the run from the latest checkpoint this many times
     val_pgd_steps: int = 10  # PGD steps of the per-epoch validation attack
     seed: int = 0
+    repulsion_margin: float = 0.5  # DRP margin m between the true and every wrong prototype distance (Tune: 0.05..2, log)
+    drp_beta: float = 1.0  # DRP weight of the repulsion-margin term
+    drp_dim: int = 100  # DRP prototype dimension D (the model's output width); >= classes - 1
+    spat_weights: str = "fisher"  # SPAT shared-pixel weight map: fisher (data-level) or saliency (per sample)
+    spat_w_min: float = 0.5  # SPAT budget fraction of the most class-specific pixels, in (0, 1]
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -82,6 +87,11 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 1, f"train.cpus_per_worker={self.cpus_per_worker} must be >= 1")
         _check(self.max_failures >= 0, f"train.max_failures={self.max_failures} must be >= 0")
         _check(self.batch_size >= self.num_workers, f"train.batch_size={self.batch_size} must be >= train.num_workers={self.num_workers}")
+        _check(self.repulsion_margin > 0, f"train.repulsion_margin={self.repulsion_margin} must be > 0 (DRP margin; e.g. 0.5)")
+        _check(self.drp_beta >= 0, f"train.drp_beta={self.drp_beta} must be >= 0")
+        _check(self.drp_dim >= 1, f"train.drp_dim={self.drp_dim} must be >= 1 (100 for 10 classes)")
+        _check(self.spat_weights in ("fisher", "saliency"), f"train.spat_weights={self.spat_weights!r} must be 'fisher' or 'saliency'")
+        _check(0 < self.spat_w_min <= 1, f"train.spat_w_min={self.spat_w_min} must be in (0, 1] (e.g. 0.5)")
 
 
 @dataclass

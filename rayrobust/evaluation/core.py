@@ -167,13 +167,18 @@ def evaluate_checkpoint(cfg, checkpoint: Union[str, Path], out_path: Optional[Un
     """Evaluate a rayrobust checkpoint with `cfg.eval` through its method's decision function."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
     from ..data import load_dataset
-    from ..methods import create_method
+    from ..methods import create_method, method_kwargs
 
     payload = load_checkpoint(checkpoint)
     method_name = payload["config"]["train"]["method"]
     model = model_from_checkpoint(checkpoint)
-    tc = payload["config"]["train"]
-    decision = create_method(method_name, eps=tc["eps"], steps=tc["attack_steps"]).decision(model)
+    kwargs = method_kwargs(payload["config"]["train"])
+    if payload.get("model_meta", {}).get("num_labels"):
+        kwargs["num_classes"] = payload["model_meta"]["num_labels"]
+    method = create_method(method_name, **kwargs)
+    if payload.get("method_state"):  # what the method generated outside the model (DRP prototypes, SPAT map)
+        method.load_state_dict(payload["method_state"])
+    decision = method.decision(model)
     ec = cfg.eval
     data_name = payload["config"]["data"]["name"]
     ds = load_dataset(data_name, "test", root=cfg.data.root, download=cfg.data.download, limit=ec.n_eval)

@@ -2,9 +2,12 @@
 
 A method is an object with `loss(model, x, y) -> (loss, metrics)` and `decision(model) -> nn.Module`,
 the attackable decision function (the model itself for methods that do not change inference).
-Create one by name: `create_method("pgd_at", eps=0.1, steps=7)`.
+Create one by name: `create_method("pgd_at", eps=0.1, steps=7)`, or with every option of a
+TrainConfig: `create_method(tc.method, **method_kwargs(tc))`.
 """
-from .base import METHODS, Method, create_method, list_methods
+from .base import METHODS, Method, create_method, list_methods, method_kwargs
 from . import baselines  # noqa: F401  (registers the baselines)
+from . import drp  # noqa: F401  (registers drp, drp_at)
+from . import spat  # noqa: F401  (registers spat)
 
-__all__ = ["METHODS", "Method", "create_method", "list_methods"]
+__all__ = ["METHODS", "Method", "create_method", "list_methods", "method_kwargs"]

@@ -1,7 +1,8 @@
 """The method interface and its registry."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import dataclasses
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -12,7 +13,15 @@ METHODS: Registry["Method"] = Registry("method")
 
 
 class Method:
-    """A training objective, plus (where it changes inference) the decision function to attack."""
+    """A training objective, plus (where it changes inference) the decision function to attack.
+
+    Optional hooks (defaults suit methods that train an ordinary classifier):
+    - `output_dim(num_classes)`: the model's output width (DRP: the prototype dimension).
+    - `fit(x_train, y_train)`: data-level preparation, called once before training (SPAT's weight map).
+    - `state_dict()` / `load_state_dict(state)`: what the method learned or generated outside the
+      model (prototypes, weight maps), plain tensors only; saved in every checkpoint under
+      `method_state` and restored before evaluation.
+    """
 
     name = "method"
     adversarial = False  # True when training generates adversarial examples
@@ -23,9 +32,37 @@ class Method:
     def decision(self, model: nn.Module) -> nn.Module:
         return model
 
+    def output_dim(self, num_classes: int) -> int:
+        return num_classes
+
+    def fit(self, x_train: torch.Tensor, y_train: torch.Tensor) -> None:
+        return None
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        return None
+
 
 def create_method(name: str, **kwargs: Any) -> Method:
     return METHODS.create(name, **kwargs)
+
+
+def method_kwargs(train: Any) -> Dict[str, Any]:
+    """Every option of a TrainConfig (dataclass or its dict) as method keyword arguments.
+
+    Methods take what they need and ignore the rest (`**_`), so a new TrainConfig field reaches the
+    methods without special cases. `attack_steps` and `trades_beta` are also passed under the
+    baselines' names `steps` and `beta`.
+    """
+    raw = dataclasses.asdict(train) if dataclasses.is_dataclass(train) else dict(train)
+    raw.pop("method", None)
+    if "attack_steps" in raw:
+        raw["steps"] = raw["attack_steps"]
+    if "trades_beta" in raw:
+        raw["beta"] = raw["trades_beta"]
+    return raw
 
 
 def list_methods() -> List[str]:

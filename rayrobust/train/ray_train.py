@@ -67,7 +67,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     import ray.train.torch
 
     from ..data import load_dataset
-    from ..methods import create_method
+    from ..methods import create_method, method_kwargs
     from ..models import create_model
     from .loop import make_optimizer, train_epoch, train_val_split, validate
 
@@ -84,8 +84,12 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
 
     ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=cfg.data.train_limit)
     data = train_val_split(ds.x, ds.y, cfg.data.val_size, seed=tc.seed)
+    # Every TrainConfig field reaches the method; it uses what it needs. No global RNG is drawn here.
+    method = create_method(tc.method, num_classes=ds.num_classes, **method_kwargs(tc))
+    out_dim = method.output_dim(ds.num_classes)  # DRP: the prototype dimension
+    method.fit(data.x_train, data.y_train)  # data-level preparation (SPAT's weight map), deterministic
     torch.manual_seed(tc.seed)  # the initial weights: runs with the same seed are the same run
-    model = create_model(cfg.model.name, num_classes=ds.num_classes, in_channels=ds.shape[0],
+    model = create_model(cfg.model.name, num_classes=out_dim, in_channels=ds.shape[0],
                          input_size=ds.shape[1], mean=ds.mean, std=ds.std)
     optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
     history: List[Dict[str, Any]] = []
@@ -97,16 +101,18 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
         payload = load_checkpoint(latest)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        if payload.get("method_state"):
+            method.load_state_dict(payload["method_state"])
         history, start_epoch = list(payload["history"]), int(payload["epoch"])
         if log:
             log(f"resuming from {latest.name} (epoch {start_epoch}/{tc.epochs})")
     model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    method = create_method(tc.method, eps=tc.eps, steps=tc.attack_steps, beta=tc.trades_beta)
     amp_dtype = torch.bfloat16 if tc.amp and device.type == "cuda" else None
     bare = getattr(model, "module", model)
-    meta = {"name": cfg.model.name, "num_classes": ds.num_classes, "in_channels": ds.shape[0],
+    # num_classes: the model's output width (what rebuilds it); num_labels: the dataset's classes
+    meta = {"name": cfg.model.name, "num_classes": out_dim, "num_labels": ds.num_classes, "in_channels": ds.shape[0],
             "input_size": ds.shape[1], "mean": list(ds.mean), "std": list(ds.std)}
 
     for epoch in range(start_epoch, tc.epochs):
@@ -120,7 +126,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
         )
         metrics = {"epoch": epoch + 1, **stats}
         if rank == 0 and len(data.x_val):
-            metrics.update(validate(bare, data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
+            metrics.update(validate(method.decision(bare), data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
                                     pgd_steps=tc.val_pgd_steps, seed=tc.seed))
         metrics["seconds"] = time.perf_counter() - t0
         if rank == 0:
@@ -133,6 +139,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                 "history": history,
                 "config": cfg.to_dict(),
                 "model_meta": meta,
+                "method_state": {k: v.detach().cpu() for k, v in method.state_dict().items()},
                 "provenance": provenance(seed=tc.seed, world_size=world, device=str(device), worker_nodes=nodes),
             })
             write_jsonl(run_dir / "metrics.jsonl", history)
