@@ -59,6 +59,19 @@ def train_mlp(x, y, epochs=30, seed=0):
     return model.eval()
 
 
+def loss_before_after(method, model, x, y, *, steps: int = 40) -> tuple:
+    """A method's loss on (x, y) before and after `steps` training steps on that batch (same RNG state)."""
+    from rayrobust.train.loop import make_optimizer, train_step
+
+    opt = make_optimizer(model, 0.05, 0.9, 0.0)
+    torch.manual_seed(0)
+    first = method.loss(model, x, y)[0].item()
+    for _ in range(steps):
+        train_step(model, method, opt, x, y)
+    torch.manual_seed(0)
+    return first, method.loss(model, x, y)[0].item()
+
+
 def train_plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, lr: float = 0.05,
                 seed: int = 0) -> torch.nn.Module:
     """A few seconds of plain full-batch-ish training, for tests that need a sensible model."""
