@@ -12,7 +12,7 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,15 +89,21 @@ def list_checkpoints(directory: str | Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_valid_checkpoint(directory: str | Path) -> Optional[Path]:
-    """The newest checkpoint that loads and verifies; a corrupt newest one is skipped with a warning."""
+def load_latest_checkpoint(directory: str | Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """(path, payload) of the newest checkpoint that loads and verifies; a corrupt newest one is
+    skipped with a warning. None when there is none."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            load_checkpoint(path)
-            return path
+            return path, load_checkpoint(path)
         except CheckpointError as e:
             print(f"warning: skipping {e}", flush=True)
     return None
+
+
+def latest_valid_checkpoint(directory: str | Path) -> Optional[Path]:
+    """The newest checkpoint that loads and verifies (see `load_latest_checkpoint`)."""
+    found = load_latest_checkpoint(directory)
+    return found[0] if found else None
 
 
 def model_from_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..checkpoint import checkpoint_name, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_name, load_latest_checkpoint, save_checkpoint
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import CheckpointError, ConfigError, RayRobustError
 from ..io import provenance, write_json, write_jsonl
@@ -48,10 +48,10 @@ def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
 
 def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
     """The newest checkpoint's payload if the run can continue from it; an error if it belongs to another run."""
-    latest = latest_valid_checkpoint(run_dir / "checkpoints")
-    if latest is None:
+    found = load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
         return None
-    payload = load_checkpoint(latest)
+    payload = found[1]
     old, new = payload["config"], cfg.to_dict()
     for section, key in _IDENTITY:
         if old[section][key] != new[section][key]:
@@ -96,9 +96,9 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     start_epoch = 0
     if mirror is not None:  # this node may never have seen the run: fetch its newest checkpoint
         pull(mirror, run_dir)
-    latest = latest_valid_checkpoint(run_dir / "checkpoints")
-    if latest is not None:
-        payload = load_checkpoint(latest)
+    found = load_latest_checkpoint(run_dir / "checkpoints")
+    if found is not None:
+        latest, payload = found
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if payload.get("method_state"):
@@ -223,10 +223,10 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
             raise _unwrap(e) from None
         if mirror is not None:  # rank 0 may have run on another node
             pull(mirror, run_dir)
-    latest = latest_valid_checkpoint(run_dir / "checkpoints")
-    if latest is None:
+    found = load_latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
         raise RayRobustError(f"training finished but no checkpoint is in {run_dir / 'checkpoints'}")
-    payload = load_checkpoint(latest)
+    latest, payload = found
     write_json(run_dir / "train.json", {"checkpoint": str(latest), "epochs": payload["epoch"],
                                         "metrics": payload["history"], "provenance": payload["provenance"],
                                         "config": payload["config"]})
