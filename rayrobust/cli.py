@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run all stages for every method in cfg.methods and write <run_dir>/summary.json.")
     _common(p)
 
+    p = sub.add_parser("results", help="the full comparison: the pipeline once per seed, aggregated; regenerates the README table",
+                       description="Run the pipeline for every seed in cfg.seeds (<run_dir>/seed<N>/), write <run_dir>/summary.json "
+                                   "with mean and std per method, and rewrite the README's results table.")
+    _common(p)
+    p.add_argument("--readme", metavar="PATH", default="README.md",
+                   help="README whose results table is regenerated (default: README.md; 'none' to leave it)")
+
     p = sub.add_parser("extract", help="latents of the training set under a checkpoint (Ray Data) -> Parquet",
                        description="Run forward_features over the training images in a Ray Data actor pool; writes "
                                    "<run_dir>/semantic/latents/*.parquet and a manifest.")
@@ -112,6 +119,17 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    from .results import run_results
+
+    cfg = _load(args)
+    command = " ".join(["rayrobust results", *(["--config", args.config] if args.config else []),
+                        *[f"--set {o}" for o in args.overrides]])
+    readme = None if args.readme.lower() == "none" else Path(args.readme)
+    run_results(cfg, command=command, readme=readme)
+    return 0
+
+
 def cmd_extract(args) -> int:
     from .semantic.stages import load_source_dataset, run_extract_stage
 
@@ -155,7 +173,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "pipeline": cmd_pipeline, "extract": cmd_extract,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "pipeline": cmd_pipeline, "results": cmd_results, "extract": cmd_extract,
             "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list}
 
 

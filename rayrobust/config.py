@@ -135,12 +135,36 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    seeds: List[int] = field(default_factory=lambda: [0])  # `rayrobust results` runs the pipeline once per seed
+    # Per-method settings on top of the sections, e.g. {clustr: {train: {lr: 0.02}}, srd: {eval: {n_autoattack: 100}}}
+    method_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(len(self.methods) >= 1, "methods must list at least one method")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+               f"seeds={self.seeds} must list at least one seed, without repeats (e.g. [0, 1])")
+        _check(isinstance(self.method_overrides, dict),
+               f"method_overrides must map a method name to config sections, got {self.method_overrides!r}")
+        for method, sections in self.method_overrides.items():
+            _check(isinstance(sections, dict) and all(isinstance(v, dict) for v in sections.values()),
+                   f"method_overrides.{method} must map sections to settings, e.g. {{train: {{lr: 0.02}}}}")
+            for name, values in sections.items():
+                _check(name in SECTIONS, f"method_overrides.{method}.{name}: unknown section; sections are: "
+                                         f"{', '.join(SECTIONS)}")
+                for key in values:
+                    if key not in _valid_keys(SECTIONS[name]):
+                        raise _unknown_key(f"method_overrides.{method}.{name}.{key}", _valid_keys(SECTIONS[name]), name)
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
         _check(not unknown, f"stages={self.stages}: unknown stage(s) {unknown}; valid stages: {', '.join(PIPELINE_STAGES)}")
         _check(len(self.stages) >= 1, f"stages must list at least one of: {', '.join(PIPELINE_STAGES)}")
+
+    def for_method(self, method: str) -> "ExperimentConfig":
+        """This config for one method: train.method set and `method_overrides[method]` applied."""
+        raw = self.to_dict()
+        raw["train"]["method"] = method
+        for name, values in self.method_overrides.get(method, {}).items():
+            raw[name].update(values)
+        return config_from_dict(raw)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -184,6 +208,12 @@ def _coerce(cls, key: str, value: Any) -> Any:
             return int(value)
         if hint is float:
             return float(value)
+        if "List[int]" in text:
+            if isinstance(value, str):
+                return [int(v) for v in value.split(",") if v.strip()]
+            if isinstance(value, int):
+                return [value]
+            return [int(v) for v in value]
         if "List[str]" in text:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]

@@ -28,9 +28,15 @@ def _cached_eval(path: Path, checkpoint: Path, cfg: ExperimentConfig) -> Dict[st
     return old if same_ckpt and same_eval else None
 
 
+# Accuracies a method's evaluation may add to the standard ones (SRD: through / around the purifier).
+OPTIONAL_ACCURACIES = ("adaptive_acc", "nonadaptive_acc")
+
+
 def summary_row(res: Dict[str, Any]) -> Dict[str, Any]:
-    return {"method": res["method"], "clean_acc": res["clean_acc"], "pgd_acc": res["pgd_acc"],
-            "autoattack_acc": res["autoattack_acc"], "flags": res["flags"]}
+    row = {"method": res["method"], "clean_acc": res["clean_acc"], "pgd_acc": res["pgd_acc"],
+           "autoattack_acc": res["autoattack_acc"], "flags": res["flags"]}
+    row.update({k: res[k] for k in OPTIONAL_ACCURACIES if res.get(k) is not None})
+    return row
 
 
 def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_aa: int, eps: float) -> str:
@@ -60,10 +66,11 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         for method in cfg.methods:
             ckpt = trained.get(method) or _latest(cfg, method)
             out = method_dir(cfg, method) / "eval.json"
-            res = _cached_eval(out, ckpt, cfg)
+            mcfg = cfg.for_method(method)
+            res = _cached_eval(out, ckpt, mcfg)
             if res is None:
                 print(f"== {method}: evaluating {ckpt.name}", flush=True)
-                res = evaluate_checkpoint(cfg, ckpt, out, label=method)
+                res = evaluate_checkpoint(mcfg, ckpt, out, label=method)
             else:
                 print(f"== {method}: reusing {out} (same checkpoint and eval settings)", flush=True)
             rows.append(summary_row(res))

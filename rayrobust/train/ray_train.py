@@ -41,9 +41,8 @@ class TrainResult:
 
 
 def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
-    raw = cfg.to_dict()
-    raw["train"]["method"] = method
-    return config_from_dict(raw)
+    """cfg for `method`: train.method set and the config's `method_overrides` for it applied."""
+    return cfg.for_method(method)
 
 
 def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:

@@ -1,0 +1,14 @@
+"""`ray job submit --working-dir . -- python jobs/results.py --config configs/results.yaml [--set key=value ...]`
+
+Same as `rayrobust results ...` (every seed, aggregated), run as a Ray job: it connects to the job's cluster (RAY_ADDRESS) and,
+with a storage path, pulls the run directory before and pushes it after (jobs/_run.py).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _run import run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run("results", sys.argv[1:]))

@@ -1,0 +1,160 @@
+"""`rayrobust results`: the whole comparison, once per seed, aggregated into one table.
+
+For every seed s in `cfg.seeds` the pipeline runs in `<run_dir>/seed<s>/` with train.seed = s (the
+evaluation seed stays `eval.seed`, so every model meets the same attack randomness). The per-seed
+summaries are aggregated per method into `<run_dir>/summary.json` (mean, standard deviation and
+the per-seed values of every accuracy, the union of the flags), and the README's results table,
+between the markers below, is regenerated from it:
+
+    <!-- results:begin -->  ...  <!-- results:end -->
+
+Every robust column names the attack that produced it; PGD on cross-entropy is labelled weaker
+than AutoAttack, and purification numbers say whether the attack went through the purifier.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .config import ExperimentConfig, config_from_dict
+from .errors import ConfigError
+from .io import atomic_path, provenance, write_json
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+# (row key, column title) for the accuracies aggregated over seeds, in table order.
+COLUMNS = [
+    ("clean_acc", "clean"),
+    ("pgd_acc", "PGD-{pgd_steps} on CE (weaker)"),
+    ("autoattack_acc", "AutoAttack"),
+    ("adaptive_acc", "adaptive (through the purifier)"),
+    ("nonadaptive_acc", "non-adaptive (bare classifier)"),
+]
+
+
+def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    raw = cfg.to_dict()
+    raw["run_dir"] = str(Path(cfg.run_dir) / f"seed{seed}")
+    raw["train"]["seed"] = seed
+    raw["seeds"] = [seed]
+    return config_from_dict(raw)
+
+
+def _stats(values: List[float]) -> Dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def aggregate(per_seed: Dict[int, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per method: every numeric accuracy as {mean, std, values}, flags united, seeds listed."""
+    methods: List[str] = []
+    for summary in per_seed.values():
+        for row in summary["rows"]:
+            if row["method"] not in methods:
+                methods.append(row["method"])
+    rows = []
+    for method in methods:
+        found = {s: r for s, summary in per_seed.items() for r in summary["rows"] if r["method"] == method}
+        out: Dict[str, Any] = {"method": method, "seeds": sorted(found)}
+        for key, _ in COLUMNS:
+            values = [r[key] for r in found.values() if isinstance(r.get(key), (int, float))]
+            if values:
+                out[key] = _stats([float(v) for v in values])
+        flags = sorted({f for r in found.values() for f in r.get("flags", [])})
+        out["flags"] = flags
+        if "pgd_acc" in out and "autoattack_acc" in out:
+            out["pgd_minus_autoattack"] = out["pgd_acc"]["mean"] - out["autoattack_acc"]["mean"]
+        rows.append(out)
+    return rows
+
+
+def _cell(stat: Optional[Dict[str, Any]]) -> str:
+    if stat is None:
+        return "—"
+    if len(stat["values"]) > 1:
+        return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f}"
+
+
+def markdown_table(summary: Dict[str, Any]) -> str:
+    rows = summary["rows"]
+    cols = [(k, t.format(pgd_steps=summary["pgd_steps"])) for k, t in COLUMNS if any(k in r for r in rows)]
+    head = ["method", *[t for _, t in cols], "PGD − AA", "flags", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        gap = r.get("pgd_minus_autoattack")
+        cells = [f"`{r['method']}`", *[_cell(r.get(k)) if k != "autoattack_acc" else f"**{_cell(r.get(k))}**"
+                                      for k, _ in cols],
+                 "—" if gap is None else f"{gap:+.3f}", ", ".join(r["flags"]) or "—",
+                 ", ".join(str(s) for s in r["seeds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{summary['dataset']}, L∞ eps={summary['eps']}; clean and PGD-{summary['pgd_steps']} on "
+                 f"n={summary['n_eval']} test images, AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square, "
+                 f"`pyautoattack`) on the first n={summary['n_autoattack']}; mean ± std over seeds "
+                 f"{', '.join(str(s) for s in summary['seeds'])}. Hardware: {summary['hardware']}. "
+                 f"Command: `{summary['command']}`.")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the results markers; False (README untouched) when they are absent."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        return False
+    new = pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text)
+    with atomic_path(readme) as tmp:
+        Path(tmp).write_text(new)
+    return True
+
+
+def _hardware() -> str:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    return f"CPU only ({os.cpu_count()} cores), reduced settings"
+
+
+def run_results(cfg: ExperimentConfig, *, command: str = "make results", readme: Optional[Path] = None) -> Dict[str, Any]:
+    """Run the pipeline for every seed, aggregate, write <run_dir>/summary.json, regenerate the README table."""
+    from .pipeline import run_pipeline
+
+    if "evaluate" not in cfg.stages:
+        raise ConfigError("results needs the evaluate stage: add 'evaluate' to stages")
+    per_seed: Dict[int, Dict[str, Any]] = {}
+    for seed in cfg.seeds:
+        print(f"=== seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}): {cfg.run_dir}/seed{seed}", flush=True)
+        per_seed[seed] = run_pipeline(seed_config(cfg, seed))
+    first = next(iter(per_seed.values()))
+    summary = {
+        "dataset": first["dataset"], "eps": first["eps"], "norm": first["norm"], "n_eval": first["n_eval"],
+        "n_autoattack": first["n_autoattack"], "pgd_steps": cfg.eval.pgd_steps, "seeds": list(cfg.seeds),
+        "attacks": first["attacks"], "rows": aggregate(per_seed), "hardware": _hardware(), "command": command,
+        "per_seed": {str(s): str(Path(cfg.run_dir) / f"seed{s}" / "summary.json") for s in per_seed},
+        "provenance": provenance(config=cfg.to_dict()),
+    }
+    out = Path(cfg.run_dir) / "summary.json"
+    write_json(out, summary)
+    table = markdown_table(summary)
+    print(table, flush=True)
+    print(f"summary: {out}", flush=True)
+    if readme is not None:
+        print(f"README table {'updated' if update_readme(readme, table) else 'not updated (no results markers)'}: "
+              f"{readme}", flush=True)
+    return summary
+
+
+def load_summary(path: Path) -> Dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+__all__ = ["aggregate", "markdown_table", "run_results", "seed_config", "update_readme"]
