@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data demo results test test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -29,6 +29,10 @@ data:
 
 demo: setup
 	$(VENV)/bin/rayrobust pipeline --config configs/demo.yaml
+
+# The full comparison (all methods, 2 seeds, AutoAttack on 1000 images): hours on a CPU, see README.
+results: setup
+	$(VENV)/bin/rayrobust results --config configs/results.yaml
 
 test: setup
 	$(PY) -m pytest -q
