@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo results test test-fast bench clean
+.PHONY: setup data browser demo results test test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -29,15 +29,28 @@ data:
 
 demo: setup
 	$(VENV)/bin/rayrobust pipeline --config configs/demo.yaml
+	$(VENV)/bin/rayrobust report runs/demo
 
 # The full comparison (all methods, 2 seeds, AutoAttack on 1000 images): hours on a CPU, see README.
 results: setup
 	$(VENV)/bin/rayrobust results --config configs/results.yaml
 
-test: setup
+# Headless Chromium for the report's browser test (Debian packages; skipped when present).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium chromium-driver"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium not found: install chromium and chromium-driver (tests/test_report_browser.py needs them)"; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest -q -m "not ray and not slow"
 
 bench: setup

@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="shorthand for --set train.method=NAME")
     p.add_argument("--out", metavar="PATH", help="where to write the JSON result (default: <run_dir>/<method>/eval.json)")
 
+    p = sub.add_parser("certify", help="ClusTR l2 certificate: latent radii, Lipschitz bound, certified accuracy",
+                       description="Certify a clustr/clustr_qtrades checkpoint on the first N test images (the "
+                                   "certificate is reconstructed from the ClusTR paper, METHODS.md section 2); an L2 "
+                                   "PGD attack inside every certified radius checks it.")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: latest in <run_dir>/<method>/checkpoints)")
+    p.add_argument("--method", help="shorthand for --set train.method=NAME")
+    p.add_argument("--radii", default="0.1,0.25,0.5", metavar="R1,R2,...",
+                   help="l2 radii in [0,1] pixel units for certified accuracy (default: 0.1,0.25,0.5)")
+    p.add_argument("--n", type=int, metavar="N", help="test images to certify (default: eval.n_eval)")
+    p.add_argument("--out", metavar="FILE", help="where to write the JSON result (default: certificate.json beside checkpoints/)")
+
     p = sub.add_parser("pipeline", help="train and evaluate every method of the config, print a table, write summary.json",
                        description="Run all stages for every method in cfg.methods and write <run_dir>/summary.json.")
     _common(p)
@@ -60,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dictionaries", help="one sparse dictionary of high-frequency patches per cluster, on Ray actors",
                        description="Learn semantic reconstruction dictionaries; writes <run_dir>/semantic/dictionaries/.")
     _common(p)
+
+    p = sub.add_parser("tune", help="search the defenses' knobs with Optuna on Ray Tune, graded by APGD-CE + APGD-T",
+                       description="Run the search of the config's tune: section in <run_dir> (Optuna study in "
+                                   "<run_dir>/optuna.journal, Tune experiment in <run_dir>/tune/), then re-evaluate the "
+                                   "Pareto front with full AutoAttack; or continue an interrupted search with --resume.")
+    _common(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted search in RUN_DIR (keeps finished trials)")
+
+    p = sub.add_parser("report", help="write a self-contained report.html (and summary.json) for a tune or pipeline run",
+                       description="Write <run_dir>/report.html: AutoAttack table, Pareto front, robust vs eps, learning "
+                                   "curves, parameter importances, flags.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `rayrobust tune` or `rayrobust pipeline`")
 
     p = sub.add_parser("config", help="print the resolved config as JSON", description="Validate and print the config.")
     _common(p)
@@ -108,6 +132,36 @@ def cmd_evaluate(args) -> int:
     res = evaluate_checkpoint(cfg, ckpt, out)
     keys = ("method", "eps", "n_eval", "clean_acc", "pgd_acc", "n_autoattack", "autoattack_acc", "flags")
     print(json.dumps({k: res[k] for k in keys}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_certify(args) -> int:
+    from .certify import certify_checkpoint
+    from .checkpoint import latest_valid_checkpoint
+    from .errors import CheckpointError, ConfigError
+    from .pipeline import method_dir
+
+    cfg = _load(args)
+    try:
+        radii = [float(r) for r in args.radii.split(",") if r.strip()]
+    except ValueError:
+        radii = []
+    if not radii:
+        raise ConfigError(f"--radii {args.radii!r} must be comma-separated numbers >= 0, e.g. 0.1,0.25,0.5")
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        ckpt = latest_valid_checkpoint(method_dir(cfg, cfg.train.method) / "checkpoints")
+        if ckpt is None:
+            raise CheckpointError(f"no checkpoint in {method_dir(cfg, cfg.train.method) / 'checkpoints'}; "
+                                  "run `rayrobust train --method clustr` first or pass --checkpoint")
+    out = Path(args.out) if args.out else ckpt.resolve().parent.parent / "certificate.json"
+    res = certify_checkpoint(ckpt, radii=radii, n=args.n if args.n is not None else cfg.eval.n_eval, out_path=out,
+                             data_root=cfg.data.root, download=cfg.data.download, seed=cfg.eval.seed)
+    keys = ("method", "n", "clean_acc", "certified_acc", "flags")
+    print(json.dumps({**{k: res[k] for k in keys}, "lipschitz_bound": res["lipschitz"]["bound"],
+                      "latent_radius_median": res["latent_radius"]["median"]}, indent=2))
     print(f"wrote {out}")
     return 0
 
@@ -162,6 +216,26 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .errors import ConfigError
+    from .tune.search import resume_tune, run_tune
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume continues a search with the config it was started with; drop --config/--set")
+        resume_tune(args.resume)
+    else:
+        run_tune(_load(args))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .tune.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -173,8 +247,9 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "pipeline": cmd_pipeline, "results": cmd_results, "extract": cmd_extract,
-            "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "certify": cmd_certify, "pipeline": cmd_pipeline, "results": cmd_results, "extract": cmd_extract,
+            "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list,
+            "tune": cmd_tune, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

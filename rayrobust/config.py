@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .semantic.config import SemanticConfig
+from .tune.config import TuneConfig
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -76,6 +77,12 @@ class TrainConfig:
     drp_dim: int = 100  # DRP prototype dimension D (the model's output width); >= classes - 1
     spat_weights: str = "fisher"  # SPAT shared-pixel weight map: fisher (data-level) or saliency (per sample)
     spat_w_min: float = 0.5  # SPAT budget fraction of the most class-specific pixels, in (0, 1]
+    clustr_k: int = 2  # ClusTR clusters per class (per-class k-means of the training latents, refreshed every epoch; Tune: 1..10)
+    clustr_alpha: float = 12.5  # ClusTR Magnet-loss margin alpha (12.5 in the released code), >= 0
+    qtrades_weight: float = 8.0  # clustr_qtrades weight lambda of CE(p_clean, p(x_adv)) (8 in the released code), >= 0
+    saturation_scale: float = 1000.0  # `saturated` control only: decision logits x this factor (gradient masking on purpose)
+    srd_lambda: float = 0.1  # SRD weight of the latent constraint (1/d)||(g_f(x_adv) - mu_k*)/sigma_k*||^2, >= 0
+    srd_fista_iters: Optional[int] = None  # SRD purifier FISTA iterations, deployed and attacked (None = the dictionaries')
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -92,6 +99,13 @@ class TrainConfig:
         _check(self.drp_dim >= 1, f"train.drp_dim={self.drp_dim} must be >= 1 (100 for 10 classes)")
         _check(self.spat_weights in ("fisher", "saliency"), f"train.spat_weights={self.spat_weights!r} must be 'fisher' or 'saliency'")
         _check(0 < self.spat_w_min <= 1, f"train.spat_w_min={self.spat_w_min} must be in (0, 1] (e.g. 0.5)")
+        _check(self.clustr_k >= 1, f"train.clustr_k={self.clustr_k} must be >= 1 (ClusTR clusters per class; e.g. 2)")
+        _check(self.clustr_alpha >= 0, f"train.clustr_alpha={self.clustr_alpha} must be >= 0 (Magnet-loss margin; e.g. 12.5)")
+        _check(self.qtrades_weight >= 0, f"train.qtrades_weight={self.qtrades_weight} must be >= 0 (QTRADES weight; e.g. 8)")
+        _check(self.saturation_scale > 0, f"train.saturation_scale={self.saturation_scale} must be > 0 (e.g. 1000)")
+        _check(self.srd_lambda >= 0, f"train.srd_lambda={self.srd_lambda} must be >= 0 (SRD latent-constraint weight; e.g. 0.1)")
+        _check(self.srd_fista_iters is None or self.srd_fista_iters >= 1,
+               f"train.srd_fista_iters={self.srd_fista_iters} must be >= 1, or null for the dictionaries' count")
 
 
 @dataclass
@@ -107,9 +121,11 @@ class EvalConfig:
     chunk_size: int = 100  # examples per AutoAttack chunk; results depend on it, not on num_shards
     checks: bool = True  # run the sanity checks and attach their flags
     seed: int = 0
+    eot_samples: int = 1  # purifier defenses' BPDA attack: gradients averaged over this many calls (EOT)
 
     def __post_init__(self) -> None:
         _check_eps("eval.eps", self.eps)
+        _check(self.eot_samples >= 1, f"eval.eot_samples={self.eot_samples} must be >= 1 (1 is exact for a deterministic purifier)")
         _check(self.norm in ("Linf", "L2"), f"eval.norm={self.norm!r} must be 'Linf' or 'L2'")
         _check(self.n_eval >= 1, f"eval.n_eval={self.n_eval} must be >= 1")
         _check(0 <= self.n_autoattack <= self.n_eval, f"eval.n_autoattack={self.n_autoattack} must be between 0 and eval.n_eval={self.n_eval}")
@@ -135,6 +151,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # `rayrobust tune`: search space and budget
     seeds: List[int] = field(default_factory=lambda: [0])  # `rayrobust results` runs the pipeline once per seed
     # Per-method settings on top of the sections, e.g. {clustr: {train: {lr: 0.02}}, srd: {eval: {n_autoattack: 100}}}
     method_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -171,7 +188,7 @@ class ExperimentConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
-            "semantic": SemanticConfig}
+            "semantic": SemanticConfig, "tune": TuneConfig}
 
 
 def _valid_keys(cls) -> List[str]:

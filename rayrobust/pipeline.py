@@ -52,15 +52,24 @@ def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_a
 
 
 def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
-    """Run `cfg.stages` in order: train and evaluate every method, then the semantic latent stages."""
+    """Run `cfg.stages`: train the methods that need no semantic artifacts, run the semantic latent
+    stages, train the methods built on them (srd), then evaluate every method."""
     from .evaluation import evaluate_checkpoint
     from .train import fit
 
     rows = []
     trained = {}
+    # Order: methods that need no semantic artifacts (and semantic.source_method) -> extract, cluster,
+    # dictionaries -> methods trained from those artifacts (srd) -> evaluate.
+    early, late = _training_order(cfg)
     if "train" in cfg.stages:
-        for method in cfg.methods:
+        for method in early:
             print(f"== {method}: training ({cfg.train.epochs} epoch(s), {cfg.train.num_workers} Ray Train worker(s))", flush=True)
+            trained[method] = fit(cfg, method_dir(cfg, method), method=method).checkpoint
+    semantic = _run_semantic(cfg) if any(s in cfg.stages for s in ("extract", "cluster", "dictionaries")) else None
+    if "train" in cfg.stages:
+        for method in late:
+            print(f"== {method}: training from the semantic artifacts ({cfg.train.epochs} epoch(s))", flush=True)
             trained[method] = fit(cfg, method_dir(cfg, method), method=method).checkpoint
     if "evaluate" in cfg.stages:
         for method in cfg.methods:
@@ -75,7 +84,6 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
                 print(f"== {method}: reusing {out} (same checkpoint and eval settings)", flush=True)
             rows.append(summary_row(res))
             _push(cfg)  # evaluation results reach shared storage as soon as they exist
-    semantic = _run_semantic(cfg) if any(s in cfg.stages for s in ("extract", "cluster", "dictionaries")) else None
     ec = cfg.eval
     summary = {
         "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval, "n_autoattack": ec.n_autoattack,
@@ -84,6 +92,10 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         "rows": rows,
         "provenance": provenance(config=cfg.to_dict(), seed=cfg.train.seed),
     }
+    if any("adaptive_acc" in r for r in rows):  # purification defenses (srd): name the attacks of the extra columns
+        from .evaluation.adaptive import ADAPTIVE_COLUMN, NONADAPTIVE_COLUMN
+
+        summary["attacks"].update(adaptive=ADAPTIVE_COLUMN, nonadaptive=NONADAPTIVE_COLUMN)
     if semantic is not None:
         summary["semantic"] = semantic
     write_json(Path(cfg.run_dir) / "summary.json", summary)
@@ -91,6 +103,32 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
     print(f"summary: {Path(cfg.run_dir) / 'summary.json'}", flush=True)
     return summary
+
+
+def _needs_semantic(method: str) -> bool:
+    from .methods import METHODS
+
+    return bool(getattr(METHODS.get(method), "needs_semantic", False))
+
+
+def _training_order(cfg: ExperimentConfig) -> tuple:
+    """(methods trained before the semantic stages, methods trained after them).
+
+    semantic.source_method is trained first whenever the semantic stages or a method that needs them
+    run, even when it is not in `methods` (it is then trained but not evaluated).
+    """
+    from .errors import ConfigError
+
+    late = [m for m in cfg.methods if _needs_semantic(m)]
+    early = [m for m in cfg.methods if m not in late]
+    source = cfg.semantic.source_method
+    if late or any(s in cfg.stages for s in ("extract", "cluster", "dictionaries")):
+        if _needs_semantic(source):
+            raise ConfigError(f"semantic.source_method={source!r} is trained from the semantic artifacts itself; "
+                              "use a plain classifier such as standard or pgd_at")
+        if source not in early:
+            early.insert(0, source)
+    return early, late
 
 
 def _push(cfg: ExperimentConfig) -> None:

@@ -185,6 +185,19 @@ def evaluate_checkpoint(cfg, checkpoint: Union[str, Path], out_path: Optional[Un
     res = evaluate(decision, ds, eps=ec.eps, norm=ec.norm, n=ec.n_eval, n_autoattack=ec.n_autoattack,
                    pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
                    batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name, ray_address=cfg.ray_address)
+    if getattr(method, "purifies", False):  # purify -> classify (srd): add BPDA + EOT and the non-adaptive number
+        from .adaptive import evaluate_purified
+
+        evaluate_purified(decision, ds.x[:ec.n_eval], ds.y[:ec.n_eval], res, eps=ec.eps, norm=ec.norm, seed=ec.seed,
+                          eot_samples=ec.eot_samples, chunk_size=ec.chunk_size, num_shards=ec.num_shards,
+                          label=label or method_name)
+    if getattr(method, "certifiable", False):  # ClusTR: its l2 certificate (reconstructed), checked by an attack
+        from ..certify import certify
+
+        # its attack check on as many certified examples as AutoAttack gets (100 when AutoAttack is skipped)
+        res["certificate"] = certify(model, method, ds.x[:ec.n_eval], ds.y[:ec.n_eval], seed=ec.seed,
+                                     check_n=ec.n_autoattack or 100)
+        res["flags"] = res["flags"] + res["certificate"]["flags"]
     res["method"] = method_name
     res["provenance"] = provenance(config=cfg.to_dict(), seed=ec.seed, checkpoint=str(checkpoint),
                                    checkpoint_sha256=sha256_file(checkpoint), trained_with=payload["config"])

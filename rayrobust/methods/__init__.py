@@ -9,5 +9,8 @@ from .base import METHODS, Method, create_method, list_methods, method_kwargs
 from . import baselines  # noqa: F401  (registers the baselines)
 from . import drp  # noqa: F401  (registers drp, drp_at)
 from . import spat  # noqa: F401  (registers spat)
+from . import clustr  # noqa: F401  (registers clustr, clustr_qtrades)
+from . import saturated  # noqa: F401  (registers saturated, a gradient-masking control)
+from . import srd  # noqa: F401  (registers srd: latent-constrained AT + purification)
 
 __all__ = ["METHODS", "Method", "create_method", "list_methods", "method_kwargs"]

@@ -18,6 +18,11 @@ class Method:
     Optional hooks (defaults suit methods that train an ordinary classifier):
     - `output_dim(num_classes)`: the model's output width (DRP: the prototype dimension).
     - `fit(x_train, y_train)`: data-level preparation, called once before training (SPAT's weight map).
+    - `begin_epoch(model, x_train, y_train, epoch, device)`: model-level preparation for epoch `epoch`
+      from the current weights (ClusTR's per-epoch clusters). The Ray Train worker calls it before
+      its first epoch and after every epoch's training (for the next epoch, before validation and
+      the checkpoint), so each checkpoint's method state matches its weights. Must be deterministic
+      given the weights, `epoch` and the method's seed: a resumed run recomputes it.
     - `state_dict()` / `load_state_dict(state)`: what the method learned or generated outside the
       model (prototypes, weight maps), plain tensors only; saved in every checkpoint under
       `method_state` and restored before evaluation.
@@ -36,6 +41,10 @@ class Method:
         return num_classes
 
     def fit(self, x_train: torch.Tensor, y_train: torch.Tensor) -> None:
+        return None
+
+    def begin_epoch(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int,
+                    device: torch.device = torch.device("cpu")) -> None:
         return None
 
     def state_dict(self) -> Dict[str, torch.Tensor]:

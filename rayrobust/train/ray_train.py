@@ -87,9 +87,14 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     method = create_method(tc.method, num_classes=ds.num_classes, **method_kwargs(tc))
     out_dim = method.output_dim(ds.num_classes)  # DRP: the prototype dimension
     method.fit(data.x_train, data.y_train)  # data-level preparation (SPAT's weight map), deterministic
+    init = loop_config.get("init")  # prepared on the driver by the method's `prepare_run` (srd), or None
+    if init and init.get("method_state"):
+        method.load_state_dict(init["method_state"])
     torch.manual_seed(tc.seed)  # the initial weights: runs with the same seed are the same run
     model = create_model(cfg.model.name, num_classes=out_dim, in_channels=ds.shape[0],
                          input_size=ds.shape[1], mean=ds.mean, std=ds.std)
+    if init and init.get("model") is not None:  # initial weights from another checkpoint (srd: the source model)
+        model.load_state_dict(init["model"])
     optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
     history: List[Dict[str, Any]] = []
     start_epoch = 0
@@ -116,6 +121,8 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, tc.epochs):
         _record_worker(run_dir, rank, nodes[rank] if len(nodes) == world else nodes[-1], epoch + 1, start_epoch)
+        if epoch == start_epoch:  # later epochs were prepared at the end of the previous one (below)
+            method.begin_epoch(bare, data.x_train, data.y_train, epoch, device)
         torch.manual_seed(tc.seed * 1_000 + epoch * 10 + rank)  # attack random starts replay on resume
         t0 = time.perf_counter()
         stats = train_epoch(
@@ -123,6 +130,9 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
             channels_last=tc.channels_last, log=log,
         )
+        # Prepare the next epoch from these weights (those it starts from) before validation and the
+        # checkpoint, so the checkpoint's method_state (ClusTR's clusters) matches its weights.
+        method.begin_epoch(bare, data.x_train, data.y_train, epoch + 1, device)
         metrics = {"epoch": epoch + 1, **stats}
         if rank == 0 and len(data.x_val):
             metrics.update(validate(method.decision(bare), data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
@@ -201,13 +211,16 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
     if payload and resumed_from >= cfg.train.epochs:
         print(f"[{cfg.train.method}] {run_dir} already holds {resumed_from} epoch(s); reusing its checkpoint", flush=True)
     else:
+        # A method's driver-side preparation (srd: semantic artifacts + source weights) fails here, before
+        # Ray starts, with its own one-line error; a resumed run takes that state from its checkpoint.
+        init = _method_init(cfg) if payload is None else None
         _preflight_data(cfg)
         ensure_ray(cfg.ray_address)
         use_gpu = _use_gpu(cfg)
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
-                               "mirror": mirror.to_dict() if mirror else None},
+                               "mirror": mirror.to_dict() if mirror else None, "init": init},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=f"train-{cfg.train.method}", storage_path=str(run_dir / "ray"),
@@ -232,6 +245,14 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
     if mirror is not None:
         push(run_dir, mirror)
     return TrainResult(run_dir, latest, int(payload["epoch"]), list(payload["history"]), resumed_from)
+
+
+def _method_init(cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
+    """The method class's `prepare_run(cfg)` result ({"method_state", "model"}) when it has one, else None."""
+    from ..methods import METHODS
+
+    prepare = getattr(METHODS.get(cfg.train.method), "prepare_run", None)
+    return prepare(cfg) if prepare is not None else None
 
 
 def _preflight_data(cfg: ExperimentConfig) -> None:

@@ -1,0 +1,267 @@
+"""`rayrobust tune`: a real search on local Ray (Optuna + Tune + Train), the gradient-masking control,
+resume after the driver is killed, the report, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rayrobust.config import config_from_dict, load_config
+from rayrobust.errors import ConfigError
+
+BASE = {
+    "name": "tune-test",
+    "data": {"name": "digits", "val_size": 100},
+    "model": {"name": "small_cnn"},
+    "train": {"method": "standard", "epochs": 2, "batch_size": 32, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
+              "num_workers": 1, "cpus_per_worker": 1, "val_pgd_steps": 2},
+    "eval": {"eps": 0.1, "n_eval": 100, "n_autoattack": 20, "pgd_steps": 5, "num_shards": 1, "batch_size": 100,
+             "chunk_size": 20},
+}
+
+
+def _raw(run_dir, tune, **sections):
+    raw = json.loads(json.dumps(BASE))
+    raw["run_dir"] = str(run_dir)
+    raw["tune"] = tune
+    for k, v in sections.items():
+        raw[k].update(v)
+    return raw
+
+
+def _study(run_dir):
+    import optuna
+
+    from rayrobust.tune.search import STUDY, journal_storage
+
+    return optuna.load_study(study_name=STUDY, storage=journal_storage(Path(run_dir)))
+
+
+@pytest.fixture(scope="module")
+def search(ray_cluster, tmp_path_factory):
+    """One real search: 6 trials of {saturated, pgd_at} x train_eps, 2 at a time, ASHA, final AutoAttack."""
+    from rayrobust.tune.search import max_concurrent, run_tune
+
+    run_dir = tmp_path_factory.mktemp("tune") / "run"
+    cfg = config_from_dict(_raw(run_dir, {
+        "space": {"method": {"choices": ["saturated", "pgd_at"]}, "train_eps": {"low": 0.5, "high": 1.5}},
+        "num_samples": 6, "val_n": 64, "final_top_k": 1, "seed": 0}))
+    t0 = time.perf_counter()
+    summary = run_tune(cfg)
+    seconds = time.perf_counter() - t0
+    print(f"search of 6 trials: {seconds:.1f}s")
+    return {"cfg": cfg, "run_dir": run_dir, "summary": summary, "seconds": seconds,
+            "concurrency": max_concurrent(cfg)}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_completes_stores_both_objectives_and_reevaluates_best(search):
+    import optuna
+
+    run_dir, s = search["run_dir"], search["summary"]
+    assert search["concurrency"] == 2  # 2 CPUs // (1 worker x 1 CPU)
+    assert len(s["trials"]) == 6 and all(t["status"] == "TERMINATED" for t in s["trials"])
+    # The Optuna study on disk holds every trial with both objectives and the raw numbers.
+    study = _study(run_dir)
+    complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(complete) == 6
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    rows = {t["trial_id"]: t for t in s["trials"]}
+    assert sorted(t.user_attrs["tune_trial_id"] for t in complete) == sorted(rows)
+    for t in complete:
+        row = rows[t.user_attrs["tune_trial_id"]]
+        assert t.values == pytest.approx([row["clean_acc"], row["robust_objective"]])
+        assert t.user_attrs["robust_acc"] == pytest.approx(row["robust_acc"])
+    # Per-epoch grading reached Tune (ASHA needs it), and TensorBoard logs sit in the experiment dir.
+    assert all(t["epoch"] >= 1 for t in s["trials"])
+    assert list((run_dir / "tune").rglob("events.out.tfevents*"))
+    # The best unflagged configuration was re-evaluated with full AutoAttack on the test set.
+    assert len(s["selected"]) == 1 and s["final"][0]["trial_id"] == s["selected"][0]
+    best = rows[s["selected"][0]]
+    assert not best["flagged"] and best["flags"] == []
+    unflagged = [t for t in s["trials"] if not t["flagged"] and t["epoch"] == t["epochs_planned"]]
+    assert best["robust_acc"] == max(t["robust_acc"] for t in unflagged)
+    final = json.loads((run_dir / "trials" / best["trial_id"] / "final_eval.json").read_text())
+    assert final["autoattack"]["version"] == "standard" and final["autoattack"]["n"] == 20
+    assert set(final["autoattack"]["per_attack"]) >= {"apgd-ce", "apgd-t", "fab-t", "square"}
+    assert s["final"][0]["autoattack_acc"] == final["autoattack_acc"]
+    assert json.loads((run_dir / "summary.json").read_text())["rows"][0]["trial_id"] == best["trial_id"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gradient_masking_control_is_flagged_and_never_selected(search):
+    s = search["summary"]
+    saturated = [t for t in s["trials"] if t["method"] == "saturated"]
+    assert saturated, "the seeded search must sample the masking control"
+    for t in saturated:
+        # PGD on cross-entropy is fooled (zero gradients), the APGD objective is not.
+        assert t["pgd_ce_acc"] >= t["robust_acc"] + 0.2, t
+        assert "zero_gradients" in t["flags"] and t["flagged"]
+        assert t["robust_objective"] == 0.0
+        assert t["trial_id"] not in s["selected"] and t["trial_id"] not in s["pareto"]
+    # Under PGD-CE alone the control would have been the "most robust" configuration.
+    best_by_pgd = max(s["trials"], key=lambda t: t["pgd_ce_acc"])
+    assert best_by_pgd["method"] == "saturated"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_of_search_has_every_section(search):
+    from rayrobust.tune.report import write_report
+
+    out = write_report(search["run_dir"])
+    text = out.read_text()
+    for fig in ("plot-pareto", "plot-eps", "plot-importance", "autoattack-table", "trials-table"):
+        assert f'id="{fig}"' in text
+    assert text.count('id="curve-') == 6
+    assert "no search in this run" not in text
+    assert 'class="flag">zero_gradients' in text
+    assert "<script" not in text.lower()  # self-contained: no scripts, no external resources
+    assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", text)
+    assert json.loads((search["run_dir"] / "summary.json").read_text())["report"] == str(out)
+
+
+def test_grading_separates_a_saturated_model_from_its_plain_twin(one_thread):
+    """The control on its own (no Ray): same predictions, PGD-CE fooled by zero gradients, APGD not."""
+    from conftest import digits_arrays, train_mlp
+
+    from rayrobust.methods.saturated import ScaledLogits
+    from rayrobust.tune.search import grade
+
+    x_all, y_all = digits_arrays()
+    model = train_mlp(x_all[:1500], y_all[:1500], epochs=20)
+    x, y = x_all[1500:1564], y_all[1500:1564]
+    plain = grade(model, x, y, eps=0.1)
+    masked = grade(ScaledLogits(model, 1000.0), x, y, eps=0.1)
+    assert masked["clean_acc"] == plain["clean_acc"]
+    assert masked["pgd_ce_acc"] >= plain["pgd_ce_acc"] + 0.2
+    assert masked["robust_acc"] <= plain["robust_acc"] + 0.1  # APGD-T's DLR loss is scale-invariant
+    assert "zero_gradients" in masked["flags"] and masked["robust_objective"] == 0.0
+    assert not plain["flagged"] and plain["robust_objective"] == plain["robust_acc"]
+
+
+def test_selection_never_picks_a_flagged_trial():
+    from rayrobust.tune.search import pareto_front, select
+
+    def row(tid, clean, robust, flagged=False, epoch=2):
+        return {"trial_id": tid, "clean_acc": clean, "robust_acc": robust, "flagged": flagged,
+                "status": "TERMINATED", "epoch": epoch, "epochs_planned": 2}
+
+    rows = [row("masked", 0.99, 0.95, flagged=True), row("a", 0.9, 0.4), row("b", 0.8, 0.5), row("c", 0.7, 0.3),
+            row("early", 0.95, 0.6, epoch=1)]
+    assert [r["trial_id"] for r in select(rows, 3)] == ["b", "a"]  # c is dominated; early stopped by ASHA
+    assert [r["trial_id"] for r in pareto_front(rows)] == ["masked"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.faults
+def test_resume_after_the_driver_is_killed(tmp_path):
+    import optuna
+
+    run_dir = tmp_path / "run"
+    raw = _raw(run_dir, {"space": {"train_eps": {"low": 0.5, "high": 1.5}}, "num_samples": 4, "val_n": 32,
+                         "final_top_k": 1},
+               eval={"n_eval": 50, "n_autoattack": 10, "chunk_size": 10, "batch_size": 50, "checks": False})
+    cfg_file = tmp_path / "tune.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, RAYROBUST_DASHBOARD="0")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "rayrobust.cli", "tune"]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(cmd + ["--config", str(cfg_file)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    finished = {}
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and driver.poll() is None:
+            time.sleep(1)
+            if not (run_dir / "optuna.journal").exists():
+                continue
+            try:
+                done = _study(run_dir).get_trials(states=[optuna.trial.TrialState.COMPLETE])
+            except Exception:  # the study is being created
+                continue
+            if done:
+                finished = {t.user_attrs["tune_trial_id"]: t.values for t in done}
+                break
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        driver.wait()
+        log.close()
+    assert finished, "no trial finished before the deadline:\n" + (tmp_path / "first.log").read_text()[-3000:]
+    assert driver.returncode == -signal.SIGKILL, "the search ended before it could be killed"
+    assert not (run_dir / "tune_summary.json").exists()
+    before = {tid: json.loads((run_dir / "trials" / tid / "val" / "epoch_002.json").read_text()) for tid in finished}
+
+    res = subprocess.run(cmd + ["--resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((run_dir / "tune_summary.json").read_text())
+    ids = [t["trial_id"] for t in s["trials"]]
+    assert len(ids) == 4 and len(set(ids)) == 4 and all(t["status"] == "TERMINATED" for t in s["trials"])
+    assert len({t["params"]["train_eps"] for t in s["trials"]}) == 4  # no configuration ran twice
+    complete = _study(run_dir).get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(complete) == 4 and sorted(t.user_attrs["tune_trial_id"] for t in complete) == sorted(ids)
+    rows = {t["trial_id"]: t for t in s["trials"]}
+    for tid, values in finished.items():  # finished before the kill: kept, not rerun, unchanged
+        assert tid in rows
+        assert [rows[tid]["clean_acc"], rows[tid]["robust_objective"]] == pytest.approx(values)
+        after = json.loads((run_dir / "trials" / tid / "val" / "epoch_002.json").read_text())
+        assert after == before[tid]
+    assert s["final"] and s["final"][0]["autoattack_acc"] is not None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.space={}", "tune.space is empty"),
+    ("tune.space={clusters: {low: 1, high: 3}}", "unknown parameter 'clusters'; valid parameters: n_clusters"),
+    ("tune.space={n_clusters: {low: 0, high: 3}}", "tune.space.n_clusters.low=0 is outside the valid range 1..10"),
+    ("tune.space={repulsion_margin: {low: 0.1, high: 5}}", "repulsion_margin.high=5 is outside the valid range 0.05..2.0"),
+    ("tune.space={train_eps: {low: 0.2, high: 1}}", "train_eps.low=0.2 is outside the valid range 0.5..1.5"),
+    ("tune.space={train_eps: {low: 1.2, high: 0.8}}", "low=1.2 > high=0.8"),
+    ("tune.space={method: {choices: [drp, magic]}}", "unknown method(s) ['magic']; registered methods:"),
+    ("tune.num_samples=0", "tune.num_samples=0 must be >= 1"),
+    ("tune.max_concurrent_trials=0", "tune.max_concurrent_trials=0 must be >= 1"),
+])
+def test_bad_search_input_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_cross_section_errors_and_cli_exit_code(tmp_path):
+    from rayrobust.cli import main
+    from rayrobust.tune.search import check_search
+
+    cfg = load_config(None, ["data.val_size=50", "tune.val_n=64"])
+    with pytest.raises(ConfigError, match="tune.val_n=64 exceeds data.val_size=50"):
+        check_search(cfg)
+    cfg = load_config(None, ["eval.eps=0.8", "tune.space={train_eps: {low: 0.5, high: 1.5}}"])
+    with pytest.raises(ConfigError, match="times eval.eps=0.8 exceeds 1"):
+        check_search(cfg)
+    assert main(["tune", "--set", "tune.num_samples=0"]) == 2
+    assert main(["tune", "--resume", str(tmp_path)]) == 2  # no search there
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert main(["report", str(tmp_path)]) == 2  # neither tune_summary.json nor summary.json
+
+
+def test_apply_params_maps_every_knob():
+    from rayrobust.tune.search import apply_params
+
+    base = load_config(None, ["eval.eps=0.2"]).to_dict()
+    cfg = apply_params(base, {"n_clusters": 4, "repulsion_margin": 0.3, "train_eps": 1.5, "method": "drp"})
+    assert cfg.semantic.k_max == 4 and cfg.train.repulsion_margin == 0.3 and cfg.train.method == "drp"
+    assert cfg.train.eps == pytest.approx(0.3)
+    if hasattr(cfg.train, "clustr_k"):
+        assert cfg.train.clustr_k == 4
