@@ -48,6 +48,11 @@ def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_a
         lines.append(f"{r['method']:<12} {r['clean_acc']:>7.4f} {r['pgd_acc']:>8.4f} {aa:>11}  {flags}")
     lines.append(f"L-inf eps={eps}; clean and PGD-{pgd_steps} (weaker than AutoAttack) on n={n_eval} test images; "
                  f"AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the first n={n_aa}.")
+    for r in rows:  # purification defenses: the AutoAttack column is end to end through the purifier
+        if r.get("adaptive_acc") is not None:
+            lines.append(f"{r['method']}: adaptive {r['adaptive_acc']:.4f} (min of AutoAttack through the unrolled "
+                         f"purifier and BPDA APGD-CE + APGD-T); non-adaptive {r.get('nonadaptive_acc', float('nan')):.4f} "
+                         "(APGD-CE + APGD-T on the bare classifier, transferred).")
     return "\n".join(lines)
 
 

@@ -36,6 +36,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -275,7 +276,9 @@ def _tuner(cfg: ExperimentConfig, run_dir: Path):
 
     study = optuna.create_study(study_name=STUDY, storage=journal_storage(run_dir), directions=["maximize", "maximize"],
                                 load_if_exists=True)
-    study.set_metric_names(OBJECTIVES)  # objective names shown by optuna-dashboard
+    with warnings.catch_warnings():  # set_metric_names is marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(OBJECTIVES)  # objective names shown by optuna-dashboard
     searcher = RecordingOptunaSearch(space=space, metric=OBJECTIVES, mode=["max", "max"], seed=tc.seed,
                                      study_name=STUDY, storage=journal_storage(run_dir))
     if tc.asha:
