@@ -69,12 +69,14 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
     early, late = _training_order(cfg)
     if "train" in cfg.stages:
         for method in early:
-            print(f"== {method}: training ({cfg.train.epochs} epoch(s), {cfg.train.num_workers} Ray Train worker(s))", flush=True)
+            tc = cfg.for_method(method).train
+            print(f"== {method}: training ({tc.epochs} epoch(s), {tc.num_workers} Ray Train worker(s))", flush=True)
             trained[method] = fit(cfg, method_dir(cfg, method), method=method).checkpoint
     semantic = _run_semantic(cfg) if any(s in cfg.stages for s in ("extract", "cluster", "dictionaries")) else None
     if "train" in cfg.stages:
         for method in late:
-            print(f"== {method}: training from the semantic artifacts ({cfg.train.epochs} epoch(s))", flush=True)
+            print(f"== {method}: training from the semantic artifacts ({cfg.for_method(method).train.epochs} epoch(s))",
+                  flush=True)
             trained[method] = fit(cfg, method_dir(cfg, method), method=method).checkpoint
     if "evaluate" in cfg.stages:
         for method in cfg.methods:
