@@ -13,7 +13,6 @@ than AutoAttack, and purification numbers say whether the attack went through th
 """
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from pathlib import Path
@@ -151,10 +150,6 @@ def run_results(cfg: ExperimentConfig, *, command: str = "make results", readme:
         print(f"README table {'updated' if update_readme(readme, table) else 'not updated (no results markers)'}: "
               f"{readme}", flush=True)
     return summary
-
-
-def load_summary(path: Path) -> Dict[str, Any]:
-    return json.loads(Path(path).read_text())
 
 
 __all__ = ["aggregate", "markdown_table", "run_results", "seed_config", "update_readme"]
