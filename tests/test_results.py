@@ -76,6 +76,20 @@ def test_seed_config_and_bad_seeds(tmp_path):
         load_config(None, ["method_overrides={pgd_at: {train: {lrr: 1}}}"])
 
 
+@pytest.mark.parametrize("path, min_aa, gpu_sized", [("configs/results.yaml", 1000, True),
+                                                      ("configs/results_cpu.yaml", 200, False)])
+def test_results_configs_cover_every_defense(path, min_aa, gpu_sized):
+    from rayrobust.methods import list_methods
+
+    cfg = load_config(path)
+    defenses = set(list_methods()) - {"saturated"}  # the masking control is not a defense
+    assert set(cfg.methods) == defenses, f"{path} misses {defenses - set(cfg.methods)}"
+    assert len(cfg.seeds) >= 2 and cfg.eval.eps == 0.1 and cfg.data.name == "fashion_mnist"
+    assert cfg.eval.n_autoattack >= min_aa and cfg.eval.n_eval >= cfg.eval.n_autoattack
+    assert cfg.stages[-1] == "evaluate" and {"extract", "cluster", "dictionaries"} <= set(cfg.stages)
+    assert (cfg.data.train_limit is None) == gpu_sized  # the full version trains on all 60,000 images
+
+
 @pytest.mark.ray
 def test_two_seed_run_writes_summary_and_readme(tmp_path, ray_cluster, one_thread):
     cfg = tiny_config(tmp_path, train={"epochs": 1, "method": "standard"}, eval={"n_eval": 60, "n_autoattack": 10,
