@@ -13,7 +13,6 @@ from torch import nn
 from conftest import loss_before_after, tiny_config
 from rayrobust.certify import (CertificateError, certificate_attack, certify, certify_checkpoint, latent_radii,
                                layer_bound, lipschitz_bound, operator_norm)
-from rayrobust.config import config_from_dict
 from rayrobust.errors import ConfigError
 from rayrobust.methods import create_method
 from rayrobust.methods.clustr import ClusterLogits
