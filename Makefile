@@ -35,7 +35,7 @@ demo: setup
 results: setup
 	$(VENV)/bin/rayrobust results --config configs/results.yaml
 
-# The same comparison reduced for a CPU-only machine (about 90 minutes on 2 cores).
+# The same comparison reduced for a CPU-only machine (about 2 hours on 2 cores).
 results-cpu: setup
 	$(VENV)/bin/rayrobust results --config configs/results_cpu.yaml
 

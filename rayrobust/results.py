@@ -96,6 +96,11 @@ def markdown_table(summary: Dict[str, Any]) -> str:
                  f"`pyautoattack`) on the first n={summary['n_autoattack']}; mean ± std over seeds "
                  f"{', '.join(str(s) for s in summary['seeds'])}. Hardware: {summary['hardware']}. "
                  f"Command: `{summary['command']}`.")
+    if summary["n_autoattack"] != summary["n_eval"]:
+        lines.append(f"PGD − AA subtracts AutoAttack on the first {summary['n_autoattack']} images from PGD on all "
+                     f"{summary['n_eval']}, so it carries the sampling difference of the two sets (a few points; a "
+                     "negative value means the AutoAttack subset is easier, not that PGD is stronger). Each model's "
+                     "eval.json has every attack on the same AutoAttack subset.")
     return "\n".join(lines)
 
 

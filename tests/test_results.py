@@ -53,6 +53,8 @@ def test_markdown_table_names_attacks_and_marks_missing_columns():
     assert "0.450" in srd_row and "adaptive_gap" in srd_row
     assert "—" in pgd_row  # no adaptive number for a method without a purifier
     assert "make results" in table and "n=1000" in table
+    assert "sampling difference" not in table  # PGD and AutoAttack on the same images
+    assert "sampling difference" in markdown_table({**summary, "n_autoattack": 300})
 
 
 def test_update_readme_only_between_markers(tmp_path):
