@@ -230,8 +230,8 @@ class ClusTR(Method):
         """The batch's clusters of latents r (N, d) with labels y, as the Magnet loss defines them.
 
         Returns (assign (N,) own-class nearest stored cluster, mu (C·K, d) batch means with gradient —
-        stored centroid for a cluster absent from the batch —, sigma2 (scalar tensor, with gradient),
-        nearest-centroid training accuracy).
+        stored centroid for a cluster absent from the batch —, d_own (N,) squared distance to the own
+        cluster mean, sigma2 (scalar tensor, with gradient), nearest-centroid training accuracy).
         """
         r = r.float()
         stored = self._centroids(r.device)  # (C·K, d)
@@ -245,15 +245,15 @@ class ClusTR(Method):
         sums = torch.zeros_like(stored).index_add_(0, assign, r)  # float32 even under autocast (no matmul)
         batch_means = sums / counts.clamp_min(1)[:, None]
         mu = torch.where((counts > 0)[:, None], batch_means, stored)  # absent clusters: stored centroid
-        sigma2 = ((r - mu[assign]).pow(2).sum() / max(len(r) - 1, 1)).clamp_min(MIN_SIGMA2)
-        return assign, mu, sigma2, acc
+        d_own = (r - mu[assign]).pow(2).sum(1)  # (N,)
+        sigma2 = (d_own.sum() / max(len(r) - 1, 1)).clamp_min(MIN_SIGMA2)
+        return assign, mu, d_own, sigma2, acc
 
     def magnet_loss(self, r: torch.Tensor, y: torch.Tensor, clusters=None) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Mean Magnet loss of latents r (N, d) with labels y, and the nearest-centroid training accuracy."""
         r = r.float()
-        assign, mu, sigma2, acc = clusters if clusters is not None else self.batch_clusters(r, y)
+        _, mu, d_own, sigma2, acc = clusters if clusters is not None else self.batch_clusters(r, y)
         own = self.cluster_class.to(r.device)[None, :] == y[:, None]  # (N, C·K)
-        d_own = (r - mu[assign]).pow(2).sum(1)  # (N,)
         imp = (-squared_distances(r, mu) / (2 * sigma2)).masked_fill(own, float("-inf"))
         ell = F.relu(d_own / (2 * sigma2) + self.alpha + torch.logsumexp(imp, dim=1))
         return ell.mean(), {"train_acc": acc}
@@ -297,7 +297,7 @@ class ClusTRQTRADES(ClusTR):
         r_clean, r_adv = r[: len(x)].float(), r[len(x):].float()
         clusters = self.batch_clusters(r_clean, y)
         magnet, metrics = self.magnet_loss(r_clean, y, clusters)
-        _, mu, sigma2, _ = clusters
+        _, mu, _, sigma2, _ = clusters
         logits_clean, logits_adv = self._logits(r_clean, mu, sigma2), self._logits(r_adv, mu, sigma2)
         consistency = -(F.softmax(logits_clean, 1) * F.log_softmax(logits_adv, 1)).sum(1).mean()
         loss = magnet + self.weight * consistency
