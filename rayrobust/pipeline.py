@@ -36,7 +36,24 @@ def summary_row(res: Dict[str, Any]) -> Dict[str, Any]:
     row = {"method": res["method"], "clean_acc": res["clean_acc"], "pgd_acc": res["pgd_acc"],
            "autoattack_acc": res["autoattack_acc"], "flags": res["flags"]}
     row.update({k: res[k] for k in OPTIONAL_ACCURACIES if res.get(k) is not None})
+    row.update(same_images_pgd(res))
     return row
+
+
+def same_images_pgd(res: Dict[str, Any]) -> Dict[str, Any]:
+    """The strongest PGD on cross-entropy that ran on exactly AutoAttack's images, if any.
+
+    The sanity checks run PGD with 5x the steps and several restarts on the first
+    max(n_autoattack, 200) images; when that is AutoAttack's subset, PGD − AutoAttack on the same
+    images measures the gradient-masking gap without the sampling difference of n_eval vs n_autoattack.
+    Returns {} when no such measurement exists (checks off, AutoAttack skipped, or other images).
+    """
+    m = res.get("measurements") or {}
+    n_aa = res.get("n_autoattack") or 0
+    if not n_aa or res.get("autoattack_acc") is None or m.get("n") != n_aa or m.get("pgd_many") is None:
+        return {}
+    return {"pgd_same_images_acc": m["pgd_many"],
+            "pgd_same_images_attack": f"PGD-{m['pgd_many_steps']} on CE, {m['pgd_many_restarts']} restarts"}
 
 
 def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_aa: int, eps: float) -> str:

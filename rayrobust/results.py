@@ -64,8 +64,15 @@ def aggregate(per_seed: Dict[int, Dict[str, Any]]) -> List[Dict[str, Any]]:
                 out[key] = _stats([float(v) for v in values])
         flags = sorted({f for r in found.values() for f in r.get("flags", [])})
         out["flags"] = flags
-        if "pgd_acc" in out and "autoattack_acc" in out:
+        same = [r for r in found.values() if isinstance(r.get("pgd_same_images_acc"), (int, float))]
+        if "autoattack_acc" in out and len(same) == len(found):  # every seed: PGD on AutoAttack's own images
+            out["pgd_same_images_acc"] = _stats([float(r["pgd_same_images_acc"]) for r in same])
+            out["pgd_same_images_attack"] = same[0]["pgd_same_images_attack"]
+            out["pgd_minus_autoattack"] = out["pgd_same_images_acc"]["mean"] - out["autoattack_acc"]["mean"]
+            out["pgd_minus_autoattack_images"] = "same"
+        elif "pgd_acc" in out and "autoattack_acc" in out:  # PGD on n_eval images, AutoAttack on its subset
             out["pgd_minus_autoattack"] = out["pgd_acc"]["mean"] - out["autoattack_acc"]["mean"]
+            out["pgd_minus_autoattack_images"] = "different"
         rows.append(out)
     return rows
 
@@ -96,11 +103,17 @@ def markdown_table(summary: Dict[str, Any]) -> str:
                  f"`pyautoattack`) on the first n={summary['n_autoattack']}; mean ± std over seeds "
                  f"{', '.join(str(s) for s in summary['seeds'])}. Hardware: {summary['hardware']}. "
                  f"Command: `{summary['command']}`.")
-    if summary["n_autoattack"] != summary["n_eval"]:
-        lines.append(f"PGD − AA subtracts AutoAttack on the first {summary['n_autoattack']} images from PGD on all "
-                     f"{summary['n_eval']}, so it carries the sampling difference of the two sets (a few points; a "
-                     "negative value means the AutoAttack subset is easier, not that PGD is stronger). Each model's "
-                     "eval.json has every attack on the same AutoAttack subset.")
+    same = [r for r in rows if r.get("pgd_minus_autoattack_images") == "same"]
+    different = [f"`{r['method']}`" for r in rows if r.get("pgd_minus_autoattack_images") == "different"]
+    if same:
+        lines.append(f"PGD − AA is the masking gap on the same images: {same[0]['pgd_same_images_attack']} (the "
+                     f"sanity checks' strongest PGD) minus AutoAttack, both on the first {summary['n_autoattack']} "
+                     "images. A large gap means cross-entropy PGD overstates robustness.")
+    if different and summary["n_autoattack"] != summary["n_eval"]:
+        lines.append(f"For {', '.join(different)}, PGD − AA subtracts AutoAttack on the first "
+                     f"{summary['n_autoattack']} images from PGD on all {summary['n_eval']}, so it carries the "
+                     "sampling difference of the two sets (a negative value means the AutoAttack subset is easier, "
+                     "not that PGD is stronger).")
     return "\n".join(lines)
 
 

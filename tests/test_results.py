@@ -7,6 +7,7 @@ import pytest
 
 from rayrobust.config import load_config
 from rayrobust.errors import ConfigError
+from rayrobust.pipeline import summary_row
 from rayrobust.results import BEGIN, END, aggregate, markdown_table, run_results, seed_config, update_readme
 
 from conftest import tiny_config
@@ -55,6 +56,42 @@ def test_markdown_table_names_attacks_and_marks_missing_columns():
     assert "make results" in table and "n=1000" in table
     assert "sampling difference" not in table  # PGD and AutoAttack on the same images
     assert "sampling difference" in markdown_table({**summary, "n_autoattack": 300})
+
+
+def _eval_result(aa, pgd_many, n_checks=300, n_aa=300):
+    """An eval.json's fields that summary_row reads."""
+    return {"method": "clustr", "clean_acc": 0.8, "pgd_acc": 0.1, "autoattack_acc": aa, "flags": [],
+            "n_eval": 1000, "n_autoattack": n_aa,
+            "measurements": {"n": n_checks, "pgd_many": pgd_many, "pgd_many_steps": 50, "pgd_many_restarts": 2}}
+
+
+def test_masking_gap_uses_pgd_on_autoattacks_own_images():
+    row = summary_row(_eval_result(0.01, 0.09))
+    assert row["pgd_same_images_acc"] == 0.09
+    assert row["pgd_same_images_attack"] == "PGD-50 on CE, 2 restarts"
+    # no same-images PGD when the checks ran on other images, were off, or AutoAttack was skipped
+    assert "pgd_same_images_acc" not in summary_row(_eval_result(0.01, 0.09, n_checks=200))
+    assert "pgd_same_images_acc" not in summary_row({**_eval_result(0.01, 0.09), "measurements": None})
+    assert "pgd_same_images_acc" not in summary_row({**_eval_result(None, 0.09), "n_autoattack": 0})
+
+    rows = aggregate({0: _summary([summary_row(_eval_result(0.01, 0.09))]),
+                      1: _summary([summary_row(_eval_result(0.03, 0.07))])})
+    assert rows[0]["pgd_minus_autoattack"] == pytest.approx(0.06)  # 0.08 - 0.02, not PGD-20's 0.1 - 0.02
+    assert rows[0]["pgd_minus_autoattack_images"] == "same"
+    # one seed without it: the whole row falls back to PGD on n_eval, and says so
+    mixed = aggregate({0: _summary([summary_row(_eval_result(0.01, 0.09))]),
+                       1: _summary([summary_row(_eval_result(0.03, 0.07, n_checks=200))])})
+    assert mixed[0]["pgd_minus_autoattack"] == pytest.approx(0.08)
+    assert mixed[0]["pgd_minus_autoattack_images"] == "different"
+
+    summary = {"rows": rows, "pgd_steps": 20, "dataset": "fashion_mnist", "eps": 0.1, "n_eval": 1000,
+               "n_autoattack": 300, "seeds": [0, 1], "hardware": "CPU", "command": "make results"}
+    table = markdown_table(summary)
+    assert "+0.060" in next(line for line in table.splitlines() if line.startswith("| `clustr`"))
+    assert "PGD-50 on CE, 2 restarts" in table and "same images" in table
+    assert "sampling difference" not in table
+    fallback = markdown_table({**summary, "rows": mixed})
+    assert "For `clustr`, PGD − AA subtracts AutoAttack" in fallback and "sampling difference" in fallback
 
 
 def test_update_readme_only_between_markers(tmp_path):

@@ -83,9 +83,13 @@ class ClusterLogits(nn.Module):
         self.sigma2 = float(sigma2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.model.forward_features(x).float()  # (N, d)
-        scores = -squared_distances(f, self.centroids) / (2 * self.sigma2)  # (N, C·K)
-        return scores.view(len(f), self.num_classes, self.k).amax(dim=2)  # (N, C)
+        return cluster_logits(self.model.forward_features(x), self.centroids, self.sigma2, self.num_classes)
+
+
+def cluster_logits(f: torch.Tensor, centroids: torch.Tensor, sigma2, num_classes: int) -> torch.Tensor:
+    """logits (N, C) = max over each class's clusters of −‖f − μ_k‖²/(2σ²); centroids class-major (C·K, d)."""
+    scores = -squared_distances(f.float(), centroids) / (2 * sigma2)  # (N, C·K)
+    return scores.view(len(f), num_classes, len(centroids) // num_classes).amax(dim=2)
 
 
 def _latent(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -282,11 +286,6 @@ class ClusTRQTRADES(ClusTR):
         self.eps = float(eps)
         self.weight = float(qtrades_weight)
 
-    def _logits(self, r: torch.Tensor, mu: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-        """ClusterLogits' formula with the batch's cluster means and σ² (see the module docstring)."""
-        scores = -squared_distances(r.float(), mu) / (2 * sigma2)
-        return scores.view(len(r), self.num_classes, self.k).amax(dim=2)
-
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
             decision = self.decision(bare)
@@ -298,7 +297,8 @@ class ClusTRQTRADES(ClusTR):
         clusters = self.batch_clusters(r_clean, y)
         magnet, metrics = self.magnet_loss(r_clean, y, clusters)
         _, mu, _, sigma2, _ = clusters
-        logits_clean, logits_adv = self._logits(r_clean, mu, sigma2), self._logits(r_adv, mu, sigma2)
+        # ClusterLogits' formula with the batch's cluster means and σ² (see the module docstring)
+        logits_clean, logits_adv = (cluster_logits(r, mu, sigma2, self.num_classes) for r in (r_clean, r_adv))
         consistency = -(F.softmax(logits_clean, 1) * F.log_softmax(logits_adv, 1)).sum(1).mean()
         loss = magnet + self.weight * consistency
         if anchor is not None:
