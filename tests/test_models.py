@@ -170,6 +170,28 @@ def test_small_cnn_is_the_specified_demo_model():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def test_small_cnn_runs_channels_last_and_loads_either_layout():
+    """small_cnn keeps its convolutions channels_last (speed); the function is the channels-first one."""
+    model = create_model("small_cnn").eval()
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last)
+               for c in model.modules() if isinstance(c, nn.Conv2d))
+    x = torch.rand(5, 1, 28, 28)
+    c1, c2, fc, head = model.conv[0], model.conv[3], model.fc[0], model.head
+    h = (x - 0.5) / 0.5
+    h = F.max_pool2d(F.relu(F.conv2d(h, c1.weight.contiguous(), c1.bias, padding=2)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, c2.weight.contiguous(), c2.bias, padding=2)), 2)
+    reference = F.linear(F.relu(F.linear(h.flatten(1), fc.weight, fc.bias)), head.weight, head.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+    # a state dict saved in the channels-first layout (older checkpoints) loads into the same function
+    plain = {k: v.contiguous() for k, v in model.state_dict().items()}
+    other = create_model("small_cnn").eval()
+    other.load_state_dict(plain)
+    assert other.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), reference, atol=1e-5, rtol=1e-5)
+
+
 def test_small_cnn_is_deterministic_in_train_mode():
     model = create_model("small_cnn_wide")
     x = torch.rand(3, 1, 28, 28)
