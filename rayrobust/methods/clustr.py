@@ -254,7 +254,10 @@ class ClusTR(Method):
         return assign, mu, d_own, sigma2, acc
 
     def magnet_loss(self, r: torch.Tensor, y: torch.Tensor, clusters=None) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Mean Magnet loss of latents r (N, d) with labels y, and the nearest-centroid training accuracy."""
+        """Mean Magnet loss of latents r (N, d) with labels y, and the nearest-centroid training accuracy.
+
+        `clusters`: `batch_clusters(r, y)` when the caller already has it (QTRADES reuses its means and σ²).
+        """
         r = r.float()
         _, mu, d_own, sigma2, acc = clusters if clusters is not None else self.batch_clusters(r, y)
         own = self.cluster_class.to(r.device)[None, :] == y[:, None]  # (N, C·K)
