@@ -1,12 +1,18 @@
-"""Checkpoints in a safe format.
+"""Checkpoints in a safe format, on a local disk or in object storage.
 
-A checkpoint is one file written with `torch.save` holding only tensors and plain Python values
-(model and optimizer state, epoch, config, provenance, model metadata) and read back with
-`torch.load(weights_only=True)`, which refuses to unpickle arbitrary objects: a malicious pickle is
-rejected before any of its code runs. A `.sha256` sidecar written next to it detects corruption.
+A checkpoint is one file, `checkpoint.pt`, written with `torch.save` holding only tensors and plain
+Python values (model and optimizer state, epoch, config, provenance, model metadata) and read back
+with `torch.load(weights_only=True)`, which refuses to unpickle arbitrary objects: a malicious pickle
+is rejected before any of its code runs. A `checkpoint.pt.sha256` sidecar detects corruption.
+
+Training stores one checkpoint per epoch as a Ray Train checkpoint directory,
+`<run_dir>/<method>/checkpoints/epoch_003/checkpoint.pt`, persisted by Ray Train to the run's
+storage (local path or URI). A path to a checkpoint may name that directory or the file itself;
+single files named `epoch_003.pt` (older runs) load too.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -18,49 +24,86 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .io import atomic_path, sha256_file
+from .location import Location, Where, as_location
 
 FORMAT = "rayrobust-checkpoint-v1"
-_EPOCH_FILE = re.compile(r"^epoch_(\d{3,})\.pt$")
+CHECKPOINT_FILE = "checkpoint.pt"  # the payload inside a checkpoint directory
+_EPOCH = re.compile(r"^epoch_(\d{3,})(\.pt)?$")  # epoch_003/ (a Ray Train checkpoint) or epoch_003.pt
 
 
 def checkpoint_name(epoch: int) -> str:
-    return f"epoch_{epoch:03d}.pt"
+    """The directory name of an epoch's checkpoint (Ray Train's checkpoint_dir_name)."""
+    return f"epoch_{epoch:03d}"
 
 
-def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
-    """Atomically write `payload` (plain values and tensors) and its sha256 sidecar."""
-    path = Path(path)
-    payload = {"format": FORMAT, **payload}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-        digest = sha256_file(tmp)
-        with atomic_path(_sidecar(path)) as tmp_sum:
-            tmp_sum.write_text(digest + "\n")
-    return path
+def checkpoint_epoch(where: Where) -> int:
+    loc = as_location(where)
+    m = _EPOCH.match(loc.parent.name if loc.name == CHECKPOINT_FILE else loc.name)
+    return int(m.group(1)) if m else 0
 
 
-def _sidecar(path: Path) -> Path:
+def payload_file(where: Where) -> Location:
+    """The payload file of a checkpoint: the path itself when it names a .pt file, else <dir>/checkpoint.pt."""
+    loc = as_location(where)
+    return loc if loc.suffix == ".pt" else loc / CHECKPOINT_FILE
+
+
+def _encode(payload: Dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(where: Where, payload: Dict[str, Any]) -> Location:
+    """Atomically write `payload` (plain values and tensors) and its sha256 sidecar; returns the file."""
+    import hashlib
+
+    dest = payload_file(where)
+    data = _encode(payload)
+    dest.write_bytes(data)
+    _sidecar(dest).write_text(hashlib.sha256(data).hexdigest() + "\n")
+    return dest
+
+
+def _sidecar(path: Location) -> Location:
     return path.with_name(path.name + ".sha256")
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+def checkpoint_sha256(where: Where) -> str:
+    """The sha256 of a checkpoint's payload (from its sidecar when there is one: no second download)."""
+    from .io import sha256_file
+
+    path = payload_file(where)
+    try:
+        digest = _sidecar(path).read_text().strip()
+    except FileNotFoundError:
+        digest = ""
+    return digest or sha256_file(path)
+
+
+def load_checkpoint(where: Where, *, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
     """Load and verify a checkpoint; every failure is a CheckpointError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; train first (`rayrobust train`) or pass an existing file")
-    side = _sidecar(path)
-    if side.exists():
-        expected = side.read_text().strip()
-        if expected and sha256_file(path) != expected:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} is corrupt or truncated (sha256 does not match {side.name}); "
-                "delete it to resume from the previous epoch, or retrain"
-            )
+    import hashlib
+
+    path = payload_file(where)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; train first (`rayrobust train`) or "
+                              "pass an existing checkpoint") from None
+    try:
+        expected = _sidecar(path).read_text().strip()
+    except FileNotFoundError:
+        expected = ""
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated (sha256 does not match {path.name}.sha256); "
+            "delete it to resume from the previous epoch, or retrain"
+        )
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location=map_location, weights_only=True)
+            payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was refused: it contains pickled objects other than tensors and "
@@ -80,16 +123,13 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     return payload
 
 
-def list_checkpoints(directory: str | Path) -> List[Path]:
-    """Epoch checkpoints in a directory, oldest first (temporary files are ignored)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_FILE.match(p.name))]
-    return [p for _, p in sorted(found)]
+def list_checkpoints(directory: Where) -> List[Location]:
+    """Epoch checkpoints (epoch_003/ directories or epoch_003.pt files) in a directory, oldest first."""
+    found = [(int(m.group(1)), p) for p in as_location(directory).iterdir() if (m := _EPOCH.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda t: t[0])]
 
 
-def load_latest_checkpoint(directory: str | Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
+def load_latest_checkpoint(directory: Where) -> Optional[Tuple[Location, Dict[str, Any]]]:
     """(path, payload) of the newest checkpoint that loads and verifies; a corrupt newest one is
     skipped with a warning. None when there is none."""
     for path in reversed(list_checkpoints(directory)):
@@ -100,13 +140,13 @@ def load_latest_checkpoint(directory: str | Path) -> Optional[Tuple[Path, Dict[s
     return None
 
 
-def latest_valid_checkpoint(directory: str | Path) -> Optional[Path]:
+def latest_valid_checkpoint(directory: Where) -> Optional[Location]:
     """The newest checkpoint that loads and verifies (see `load_latest_checkpoint`)."""
     found = load_latest_checkpoint(directory)
     return found[0] if found else None
 
 
-def model_from_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def model_from_checkpoint(path: Where, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     from .models import create_model
 

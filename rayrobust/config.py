@@ -135,6 +135,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
 
 
+STORAGE_ENV = "RAYROBUST_STORAGE_PATH"  # the storage root of relative run_dirs on a cluster (cluster.yaml sets it)
 PIPELINE_STAGES = ("train", "evaluate", "extract", "cluster", "dictionaries")
 
 
@@ -145,7 +146,9 @@ class ExperimentConfig:
     methods: List[str] = field(default_factory=lambda: ["standard", "fgsm_rs", "pgd_at"])  # `pipeline` trains each
     stages: List[str] = field(default_factory=lambda: ["train", "evaluate"])  # what `pipeline` runs, in this order
     ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start a local one
-    storage_path: Optional[str] = None  # s3://bucket/prefix or file:///...: run_dir is mirrored to <storage_path>/<run_dir name>/ (None: $RAYROBUST_STORAGE_PATH, else no mirror)
+    # Where a relative run_dir lives: s3://bucket/prefix, gs://..., file:///...; None: $RAYROBUST_STORAGE_PATH
+    # when set (cluster.yaml sets it), else the current directory. A run_dir that is a URI or absolute is used as is.
+    storage_path: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -171,9 +174,32 @@ class ExperimentConfig:
                 for key in values:
                     if key not in _valid_keys(SECTIONS[name]):
                         raise _unknown_key(f"method_overrides.{method}.{name}.{key}", _valid_keys(SECTIONS[name]), name)
+        from .location import check_syntax
+
+        check_syntax(self.run_dir)
+        if self.storage_path:
+            check_syntax(self.storage_path)
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
         _check(not unknown, f"stages={self.stages}: unknown stage(s) {unknown}; valid stages: {', '.join(PIPELINE_STAGES)}")
         _check(len(self.stages) >= 1, f"stages must list at least one of: {', '.join(PIPELINE_STAGES)}")
+
+    def run_location(self) -> "Location":  # noqa: F821
+        """run_dir as a Location: a URI or an absolute path as given; a relative path under storage_path
+        (or $RAYROBUST_STORAGE_PATH) when one is set, else under the current directory."""
+        import os
+
+        from .location import Location
+
+        root = self.storage_path or os.environ.get(STORAGE_ENV) or None
+        if root and "://" not in self.run_dir and not os.path.isabs(self.run_dir):
+            return Location(root) / self.run_dir.strip("/")
+        return Location(self.run_dir)
+
+    def layout(self) -> "RunLayout":  # noqa: F821
+        """Every path of this run (see rayrobust.layout)."""
+        from .layout import RunLayout
+
+        return RunLayout(self.run_location())
 
     def for_method(self, method: str) -> "ExperimentConfig":
         """This config for one method: train.method set and `method_overrides[method]` applied."""

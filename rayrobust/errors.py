@@ -15,3 +15,7 @@ class DataError(RayRobustError):
 
 class CheckpointError(RayRobustError):
     """A checkpoint is missing, truncated, corrupt or unsafe."""
+
+
+class StorageError(RayRobustError):
+    """A storage location (local path or URI) cannot be parsed, reached, read or written."""

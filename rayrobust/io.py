@@ -1,7 +1,8 @@
 """Atomic artifact writes and provenance.
 
-Every artifact is written to a temporary file in the destination directory and renamed into place,
-so a crash never leaves a half-written file that a later stage would read.
+Every artifact goes through a `Location` (a local path or a storage URI): a local file is written to a
+temporary name and renamed into place, an object-store object appears only when complete, so a crash
+never leaves a half-written file that a later stage would read.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
+
+from .location import Location, Where, as_location
 
 
 @contextlib.contextmanager
@@ -34,32 +37,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    return Path(path)
+def write_json(path: "Where", obj: Any) -> "Location":
+    """Atomically write `obj` as indented JSON to a local path or storage URI."""
+    loc = as_location(path)
+    loc.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return loc
 
 
-def write_jsonl(path: str | os.PathLike, rows: list) -> Path:
+def write_jsonl(path: "Where", rows: list) -> "Location":
     """Atomically write one JSON object per line."""
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-    return Path(path)
+    loc = as_location(path)
+    loc.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    return loc
+
+
+def read_json(path: "Where") -> Any:
+    """A JSON file from a local path or storage URI (FileNotFoundError when absent, ValueError when not JSON)."""
+    return json.loads(as_location(path).read_text())
 
 
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
-    if isinstance(o, Path):
+    if isinstance(o, (Path, Location)):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: "Where", chunk: int = 1 << 20) -> str:
+    """sha256 of a file on a local path or storage URI, streamed."""
+    loc = as_location(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+    if loc.is_local:
+        with open(loc.path, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+    else:
+        with loc.open_input() as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

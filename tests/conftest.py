@@ -9,9 +9,89 @@ import torch
 os.environ.setdefault("RAYROBUST_DASHBOARD", "0")  # tests start Ray without the dashboard (faster)
 
 
+class S3Server:
+    """A standalone S3-protocol server (moto) on loopback; clients find it through the standard AWS_* variables."""
+
+    ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+
+    def __init__(self):
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        from pathlib import Path
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "moto_server"
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise RuntimeError(f"moto_server did not start on {self.endpoint}")
+                time.sleep(0.2)
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "rayrobust-test",
+                    "AWS_SECRET_ACCESS_KEY": "rayrobust-test-secret", "AWS_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name=self.env["AWS_REGION"])
+
+    def make_bucket(self, name: str) -> str:
+        """Create (or empty) bucket `name`; returns s3://name."""
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=name)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            for key in self.keys(name):
+                c.delete_object(Bucket=name, Key=key)
+        return f"s3://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list:
+        """Every object key in `bucket` under `prefix`, sorted."""
+        out, token = [], None
+        c = self.client()
+        while True:
+            page = c.list_objects_v2(Bucket=bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
+            out += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(out)
+            token = page["NextContinuationToken"]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs) shared by every test that needs Ray."""
+def s3_server():
+    """One moto S3 server for the session, with AWS_* set in this process (and so in the Ray cluster it starts)."""
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in S3Server.ENV}
+    os.environ.update(server.env)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster (2 CPUs) shared by every test that needs Ray; its workers reach the S3 server."""
     import ray
 
     if not ray.is_initialized():
