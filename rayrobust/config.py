@@ -42,10 +42,28 @@ class DataConfig:
     download: bool = False  # allow torchvision to download when files are missing
     train_limit: Optional[int] = None  # use only the first N training images (None = all)
     val_size: int = 500  # images held out of training for per-epoch validation
+    # Stream the training images from Ray Data (read by the workers, never loaded on the driver) instead of
+    # loading the split into every training worker. Always on for `parquet` datasets (docs/data.md).
+    stream: bool = False
 
     def __post_init__(self) -> None:
         _check(self.train_limit is None or self.train_limit > 0, f"data.train_limit={self.train_limit} must be a positive integer or null")
         _check(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
+        if self.name == "parquet":
+            _check(bool(self.root), "data.name=parquet needs data.root=<directory or URI (s3://..., gs://...) holding "
+                                    "meta.json and <split>/*.parquet>; see docs/data.md")
+        if self.root and "://" in self.root:
+            from .location import check_syntax
+
+            check_syntax(self.root)
+            _check(self.name in ("parquet", "imagefolder"),
+                   f"data.root={self.root!r} is a URI; only data.name=parquet or imagefolder read from object storage "
+                   f"(export {self.name} with `rayrobust export-data --out URI` and use data.name=parquet)")
+
+    @property
+    def streamed(self) -> bool:
+        """Whether training reads the images as a Ray Dataset (parquet, URI image folders, data.stream)."""
+        return self.stream or self.name == "parquet" or bool(self.root and "://" in self.root)
 
 
 @dataclass

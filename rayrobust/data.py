@@ -18,12 +18,13 @@ import gzip
 import inspect
 import os
 import pickle
+import json
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from numbers import Integral
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -90,12 +91,14 @@ def load_dataset(name: str, split: str = "train", *, root: Optional[str] = None,
     if limit is not None and (not isinstance(limit, Integral) or isinstance(limit, bool) or limit < 1):
         raise ConfigError(f"data limit={limit!r} must be a positive integer or None")
     _check_options(name, loader, options)
+    if "limit" in inspect.signature(loader).parameters:  # the loader reads only what it needs
+        options = {**options, "limit": limit}
     ds = loader(split=split, root=root, download=download, **options)
     return ds.take(limit) if limit is not None else ds
 
 
 def _check_options(name: str, loader: Callable[..., Any], options: dict) -> None:
-    valid = [p for p in inspect.signature(loader).parameters if p not in ("split", "root", "download")]
+    valid = [p for p in inspect.signature(loader).parameters if p not in ("split", "root", "download", "limit")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(f"dataset {name!r} has no option {', '.join(unknown)}; "
@@ -342,19 +345,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # used for every image folder: they are m
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def resize_crop(img: Any, size: int) -> np.ndarray:
+    """An RGB PIL image -> short side resized to `size`, centre-cropped -> (3, size, size) uint8."""
+    from PIL import Image
+
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
+
+
 def _load_image(path: Path, size: int) -> np.ndarray:
     """Read as RGB, resize the short side to `size`, centre-crop -> (3, size, size) uint8."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            scale = size / min(img.size)
-            w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-            img = img.resize((w, h), Image.BILINEAR)
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, size, size)
+            return resize_crop(img.convert("RGB"), size)
     except OSError as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
@@ -396,6 +405,7 @@ def imagefolder(*, split: str, root: Optional[str] = None, download: bool = Fals
 # ---------------------------------------------------------------------------------------------
 DIGITS_SEED = 0  # fixed: the 80/20 split must be the same on every machine
 DIGITS_TRAIN_FRACTION = 0.8
+DIGITS_COUNT = 1797
 
 
 @DATASETS.register("digits")
@@ -411,3 +421,221 @@ def digits(*, split: str, root: Optional[str] = None, download: bool = False) ->
     y = torch.from_numpy(bunch.target[idx].astype(np.int64))  # (N,)
     return ArrayDataset(x=x, y=y, num_classes=10, name="digits", mean=(0.3054,), std=(0.3760,),
                         classes=[str(i) for i in range(10)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet image datasets: <root>/meta.json + <root>/<split>/*.parquet, local or on object storage
+# (docs/data.md). `rayrobust export-data` writes them; `rayrobust.data_ray` streams them on Ray.
+# ---------------------------------------------------------------------------------------------
+PARQUET_FORMAT = "rayrobust-images-v1"
+PARQUET_META = "meta.json"
+PARQUET_COLUMNS = ("index", "label", "image")
+
+
+def read_image_meta(root: Optional[str]) -> Dict[str, Any]:
+    """The validated meta.json of a Parquet image dataset at `root` (a local path or URI)."""
+    from .location import Location
+
+    if not root:
+        raise DataError("data.name=parquet needs data.root=<directory or URI holding meta.json and <split>/*.parquet>")
+    loc = Location(root) / PARQUET_META
+    try:
+        text = loc.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{loc.uri} not found: a Parquet image dataset is <root>/meta.json plus <root>/<split>/*.parquet "
+                        f"(docs/data.md); write one with `rayrobust export-data`") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{loc.uri}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{loc.uri}: expected a JSON object")
+    missing = [k for k in ("shape", "num_classes", "mean", "std", "counts") if k not in meta]
+    if missing:
+        raise DataError(f"{loc.uri}: missing {', '.join(missing)} (required: shape, num_classes, mean, std, counts)")
+    shape = meta["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise DataError(f"{loc.uri}: shape={shape!r} must be [C, H, W] positive integers")
+    channels = shape[0]
+    for key in ("mean", "std"):
+        if not (isinstance(meta[key], list) and len(meta[key]) == channels):
+            raise DataError(f"{loc.uri}: {key}={meta[key]!r} must list one number per channel ({channels})")
+    if not (isinstance(meta["num_classes"], int) and meta["num_classes"] >= 1):
+        raise DataError(f"{loc.uri}: num_classes={meta['num_classes']!r} must be a positive integer")
+    counts = meta["counts"]
+    if not (isinstance(counts, dict) and all(isinstance(counts.get(s, 0), int) and counts.get(s, 0) >= 0 for s in SPLITS)):
+        raise DataError(f"{loc.uri}: counts={counts!r} must map train/test to row counts")
+    scale = meta.get("scale", 255)
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise DataError(f"{loc.uri}: scale={scale!r} must be > 0 (pixel value in [0,1] = byte / scale)")
+    return meta
+
+
+def image_meta_files(meta: Dict[str, Any], root: str, split: str, limit: Optional[int] = None) -> List[Any]:
+    """The Parquet files of `split` (Locations) that hold indices below `limit`: meta.json's `files` list
+    when it has one (an export's own files, nothing else in the directory), else every *.parquet in <root>/<split>/."""
+    from .location import Location
+
+    base = Location(root)
+    listed = (meta.get("files") or {}).get(split)
+    if listed is not None:
+        return [base / f["file"] for f in listed
+                if limit is None or "start" not in f or int(f["start"]) < limit]
+    return [f for f in (base / split).iterdir() if f.name.endswith(".parquet")]
+
+
+def decode_images(column: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    """An Arrow binary column of raw uint8 C*H*W images -> (N, C, H, W) uint8 (a read-only view)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n, width = len(column), int(np.prod(shape))
+    if n == 0:
+        return np.zeros((0, *shape), np.uint8)
+    if column.null_count:
+        raise DataError("Parquet image column holds nulls; every row needs C*H*W image bytes")
+    kind = column.type
+    if pa.types.is_fixed_size_binary(kind):
+        if kind.byte_width != width:
+            raise DataError(f"Parquet images have {kind.byte_width} bytes, expected C*H*W = {width} for shape {list(shape)}")
+        data = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * width:(column.offset + n) * width]
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        offsets = np.frombuffer(column.buffers()[1], np.int64 if pa.types.is_large_binary(kind) else np.int32)
+        offsets = offsets[column.offset:column.offset + n + 1]
+        sizes = np.diff(offsets)
+        if np.any(sizes != width):
+            bad = int(np.flatnonzero(sizes != width)[0])
+            raise DataError(f"Parquet image row {bad} has {int(sizes[bad])} bytes, expected C*H*W = {width} "
+                            f"for shape {list(shape)}")
+        data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[0] + n * width]
+    else:
+        raise DataError(f"Parquet image column has type {kind}; expected binary (raw uint8 C*H*W bytes)")
+    return data.reshape(n, *shape)
+
+
+def encode_images(images: np.ndarray) -> Any:
+    """(N, C, H, W) uint8 -> an Arrow binary array, one raw C*H*W byte string per image (no per-row copy)."""
+    import pyarrow as pa
+
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1)  # (N, C*H*W)
+    n, width = flat.shape
+    offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32) if n * width < 2 ** 31 else None
+    if offsets is None:
+        raise DataError(f"{n} images of {width} bytes exceed one Parquet chunk; write fewer rows per file")
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+@DATASETS.register("parquet")
+def parquet(*, split: str, root: Optional[str] = None, download: bool = False,
+            limit: Optional[int] = None) -> ArrayDataset:
+    """A Parquet image dataset read whole into memory (evaluation's test images; streaming training
+    reads it on Ray workers instead, `rayrobust.data_ray.image_dataset`)."""
+    import pyarrow.parquet as pq
+
+    meta = read_image_meta(root)
+    shape = tuple(meta["shape"])
+    images, labels, index = [], [], []
+    for f in image_meta_files(meta, root, split, limit):
+        try:
+            with f.open_input() as handle:
+                table = pq.read_table(handle, columns=list(PARQUET_COLUMNS))
+        except (KeyError, OSError, ValueError) as e:  # missing column, truncated file
+            raise DataError(f"{f.uri}: cannot read Parquet images ({str(e).splitlines()[0]})") from None
+        idx = table.column("index").to_numpy()
+        keep = idx < limit if limit is not None else np.ones(len(idx), bool)
+        index.append(idx[keep])
+        labels.append(table.column("label").to_numpy()[keep])
+        images.append(decode_images(table.column("image"), shape)[keep])
+    if not index or not sum(len(i) for i in index):
+        raise DataError(f"{root}: split {split!r} holds no rows")
+    order = np.argsort(np.concatenate(index), kind="stable")
+    x = torch.from_numpy(np.concatenate(images)[order]).float().div_(float(meta.get("scale", 255)))
+    y = torch.from_numpy(np.concatenate(labels)[order].astype(np.int64))
+    if int(y.max()) >= meta["num_classes"] or int(y.min()) < 0:
+        raise DataError(f"{root}: split {split!r} has labels outside 0..{meta['num_classes'] - 1}")
+    return ArrayDataset(x=x.contiguous(), y=y, num_classes=int(meta["num_classes"]), name=str(meta.get("name", "parquet")),
+                        mean=tuple(meta["mean"]), std=tuple(meta["std"]), classes=list(meta.get("classes") or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata without images: what the driver needs (shape, classes, statistics, split sizes)
+# ---------------------------------------------------------------------------------------------
+def imagefolder_listing(root: str, split: str) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """(classes, [(relative path "<class>/<file>", label), ...]) of an image folder (local path or URI),
+    in the order `imagefolder` loads it: classes sorted, files sorted within a class. Lists names only."""
+    from .location import Location
+
+    base = Location(root)
+    ref = base / "train" if (base / "train").is_dir() else base / split
+    classes = sorted(d.name for d in ref.iterdir() if d.is_dir())
+    rows: List[Tuple[str, int]] = []
+    for rel, _ in (base / split).files():
+        parts = rel.split("/")
+        if len(parts) != 2 or Path(parts[1]).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if parts[0] not in classes:
+            raise DataError(f"{(base / split / parts[0]).uri}: class {parts[0]!r} is not among the train classes {classes}")
+        rows.append((rel, classes.index(parts[0])))
+    rows.sort(key=lambda r: tuple(r[0].split("/")))
+    return classes, rows
+
+
+def describe_dataset(name: str, *, root: Optional[str] = None, download: bool = False,
+                     **options: Any) -> Dict[str, Any]:
+    """Shape, classes, statistics and split sizes of a dataset without loading its images:
+    {"shape": (C,H,W), "num_classes", "classes", "mean", "std", "scale", "counts": {"train", "test"}}.
+    Pixel values in [0,1] are uint8 bytes / `scale` (255; 16 for digits' 17 grey levels)."""
+    DATASETS.get(name)  # unknown name -> the registry's error
+    if name == "digits":
+        n_train = int(DIGITS_TRAIN_FRACTION * DIGITS_COUNT)
+        return {"shape": (1, 8, 8), "num_classes": 10, "classes": [str(i) for i in range(10)], "mean": (0.3054,),
+                "std": (0.3760,), "scale": 16, "counts": {"train": n_train, "test": DIGITS_COUNT - n_train}}
+    if name == "fashion_mnist":
+        counts = {}
+        for split in SPLITS:
+            found, searched = _find_fashion(split, root)
+            if found is None and not download:
+                fashion_mnist(split=split, root=root)  # raises the DataError that says where it looked
+            counts[split] = _idx_count(found[1]) if found is not None else FASHION_COUNTS[split]
+        return {"shape": (1, 28, 28), "num_classes": 10, "classes": list(FASHION_CLASSES), "mean": (0.2860,),
+                "std": (0.3530,), "scale": 255, "counts": counts}
+    if name in ("cifar10", "cifar100"):
+        spec = CIFAR10 if name == "cifar10" else CIFAR100
+        if _cifar_dir(spec, root) is None and not download:
+            _load_cifar(spec, "train", root, download=False)  # raises the DataError with the fix
+        return {"shape": (3, 32, 32), "num_classes": spec.num_classes, "classes": [], "mean": spec.mean,
+                "std": spec.std, "scale": 255, "counts": {"train": 50000, "test": 10000}}
+    if name == "imagefolder":
+        if root is None:
+            raise DataError("imagefolder needs data.root=/path/to/dir holding <split>/<class>/*.png|jpg")
+        size = int(options.get("image_size", 32))
+        counts, classes = {}, []
+        for split in SPLITS:
+            classes, rows = imagefolder_listing(root, split)
+            counts[split] = len(rows)
+        if not classes:
+            raise DataError(f"image folder {root} has no class directories; expected {root}/<split>/<class>/*.png|jpg")
+        return {"shape": (3, size, size), "num_classes": len(classes), "classes": classes, "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD, "scale": 255, "counts": counts}
+    if name == "parquet":
+        meta = read_image_meta(root)
+        return {"shape": tuple(meta["shape"]), "num_classes": int(meta["num_classes"]),
+                "classes": list(meta.get("classes") or []), "mean": tuple(meta["mean"]), "std": tuple(meta["std"]),
+                "scale": meta.get("scale", 255), "counts": {s: int(meta["counts"].get(s, 0)) for s in SPLITS}}
+    # A dataset registered elsewhere: one small load tells its shape; its size needs a full load.
+    sample = load_dataset(name, "train", root=root, download=download, limit=1, **options)
+    return {"shape": sample.shape, "num_classes": sample.num_classes, "classes": sample.classes, "mean": sample.mean,
+            "std": sample.std, "scale": None, "counts": None}
+
+
+def _idx_count(path: Path) -> int:
+    """The item count in an IDX file's header (reads 8 bytes)."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(8)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e}); the file is truncated or corrupt, replace it") from None
+    if len(head) < 8:
+        raise DataError(f"{path}: too short for an IDX header")
+    return int(struct.unpack(">I", head[4:8])[0])

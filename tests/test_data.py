@@ -149,7 +149,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(monkeypatch, tmp_path):
 # load_dataset arguments
 # ---------------------------------------------------------------------------------------------
 def test_registry_and_argument_errors():
-    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "parquet"]
     with pytest.raises(ConfigError, match=r"'mnist'.*cifar10.*fashion_mnist"):
         load_dataset("mnist")
     with pytest.raises(ConfigError, match=r"'val'.*train, test"):
