@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "curves, parameter importances, flags.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `rayrobust tune` or `rayrobust pipeline`")
 
+    p = sub.add_parser("export-data", help="write a dataset as Parquet image files (local path or s3://, gs:// URI) for streaming",
+                       description="Write data.name's train and test splits (train limited to data.train_limit) to OUT as "
+                                   "OUT/meta.json + OUT/<split>/*.parquet, streamed chunk by chunk by Ray workers "
+                                   "(docs/data.md); train on it with --set data.name=parquet --set data.root=OUT.")
+    _common(p)
+    p.add_argument("--out", required=True, metavar="URI", help="destination directory: a local path or s3://, gs://, file:// URI")
+    p.add_argument("--rows-per-file", type=int, default=10000, metavar="N", help="images per Parquet file (default: 10000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export at OUT")
+
     p = sub.add_parser("config", help="print the resolved config as JSON", description="Validate and print the config.")
     _common(p)
 
@@ -211,6 +220,17 @@ def cmd_dictionaries(args) -> int:
     return 0
 
 
+def cmd_export_data(args) -> int:
+    from .data_ray import export_parquet
+    from .raycluster import ensure_ray
+
+    cfg = _load(args)
+    ensure_ray(cfg.ray_address)
+    meta = export_parquet(cfg.data, args.out, rows_per_file=args.rows_per_file, overwrite=args.overwrite, verbose=True)
+    print(json.dumps({"out": args.out, "dataset": meta["name"], "shape": meta["shape"], "counts": meta["counts"]}, indent=2))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(json.dumps(_load(args).to_dict(), indent=2))
     return 0
@@ -248,7 +268,7 @@ def cmd_list(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "certify": cmd_certify, "pipeline": cmd_pipeline, "results": cmd_results, "extract": cmd_extract,
-            "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list,
+            "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list, "export-data": cmd_export_data,
             "tune": cmd_tune, "report": cmd_report}
 
 
