@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/cifar10.yaml [--set key=value ...]`
 
-Same as `rayrobust pipeline ...`, run as a Ray job: it connects to the job's cluster (RAY_ADDRESS) and,
-with a storage path, pulls the run directory before and pushes it after (jobs/_run.py).
+Same as `rayrobust pipeline ...`, run as a Ray job: it connects to the job's cluster (RAY_ADDRESS) and
+reads and writes the run directory (a local path or a storage URI) itself (jobs/_run.py).
 """
 import sys
 from pathlib import Path

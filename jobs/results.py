@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/results.py --config configs/results.yaml [--set key=value ...]`
 
 Same as `rayrobust results ...` (every seed, aggregated), run as a Ray job: it connects to the job's cluster (RAY_ADDRESS) and,
-with a storage path, pulls the run directory before and pushes it after (jobs/_run.py).
+reads and writes the run directory (a local path or a storage URI) itself (jobs/_run.py).
 """
 import sys
 from pathlib import Path

@@ -358,15 +358,17 @@ def certify(model: nn.Module, method: Any, x: torch.Tensor, y: torch.Tensor,
     return result
 
 
-def certify_checkpoint(checkpoint: Union[str, Path], *, radii: Sequence[float] = DEFAULT_RADII, n: int = 1000,
-                       out_path: Optional[Union[str, Path]] = None, data_root: Optional[str] = None,
+def certify_checkpoint(checkpoint: Union[str, Path, "Location"], *, radii: Sequence[float] = DEFAULT_RADII,  # noqa: F821
+                       n: int = 1000, out_path: Optional[Union[str, Path, "Location"]] = None, data_root: Optional[str] = None,
                        download: bool = False, seed: int = 0, check: bool = True) -> Dict[str, Any]:
     """Certify a ClusTR checkpoint on the first `n` test images of its dataset; write JSON atomically."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import checkpoint_sha256, load_checkpoint, model_from_payload
     from .data import load_dataset
-    from .io import provenance, sha256_file, write_json
+    from .io import provenance, write_json
+    from .location import as_location
     from .methods import create_method, method_kwargs
 
+    checkpoint = as_location(checkpoint)
     if n < 1:
         raise ConfigError(f"--n {n} must be >= 1 (test images to certify)")
     payload = load_checkpoint(checkpoint)
@@ -382,12 +384,12 @@ def certify_checkpoint(checkpoint: Union[str, Path], *, radii: Sequence[float] =
         raise CertificateError(f"checkpoint {str(checkpoint)!r} holds no ClusTR clusters (empty method_state); retrain it")
     method.load_state_dict(payload["method_state"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_from_checkpoint(checkpoint, device=device)
+    model = model_from_payload(payload, checkpoint, device=device)
     ds = load_dataset(payload["config"]["data"]["name"], "test", root=data_root, download=download, limit=n)
     res = certify(model, method, ds.x, ds.y, radii, check=check, seed=seed)
     res["method"] = name
     res["dataset"] = ds.name
-    res["provenance"] = provenance(seed=seed, checkpoint=str(checkpoint), checkpoint_sha256=sha256_file(checkpoint),
+    res["provenance"] = provenance(seed=seed, checkpoint=checkpoint.uri, checkpoint_sha256=checkpoint_sha256(checkpoint),
                                    trained_with=payload["config"])
     if out_path is not None:
         write_json(out_path, res)

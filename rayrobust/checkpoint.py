@@ -148,9 +148,14 @@ def latest_valid_checkpoint(directory: Where) -> Optional[Location]:
 
 def model_from_checkpoint(path: Where, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
+    return model_from_payload(load_checkpoint(path), path, device=device)
+
+
+def model_from_payload(payload: Dict[str, Any], path: Where = "checkpoint", *,
+                       device: str | torch.device = "cpu") -> nn.Module:
+    """The model of an already loaded checkpoint payload (`path` names it in errors)."""
     from .models import create_model
 
-    payload = load_checkpoint(path)
     meta = payload["model_meta"]
     model = create_model(
         meta["name"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],

@@ -112,32 +112,33 @@ def _load(args) -> "ExperimentConfig":  # noqa: F821
 
 
 def cmd_train(args) -> int:
-    from .pipeline import method_dir
     from .train import fit
 
     cfg = _load(args)
-    result = fit(cfg, method_dir(cfg, cfg.train.method))
+    result = fit(cfg)
     last = result.metrics[-1] if result.metrics else {}
-    print(json.dumps({"checkpoint": str(result.checkpoint), "epochs": result.epochs,
+    print(json.dumps({"checkpoint": result.checkpoint.uri, "epochs": result.epochs,
                       "last_epoch": {k: v for k, v in last.items() if isinstance(v, (int, float))}}, indent=2))
     return 0
 
 
+def _checkpoint(args, cfg, hint: str) -> "Location":  # noqa: F821
+    """--checkpoint (a local path or URI; a checkpoint directory or its checkpoint.pt), else the method's latest."""
+    from .location import Location
+
+    if args.checkpoint:
+        return Location(args.checkpoint)
+    return cfg.layout().latest_checkpoint(cfg.train.method, hint=hint)
+
+
 def cmd_evaluate(args) -> int:
-    from .checkpoint import latest_valid_checkpoint
-    from .errors import CheckpointError
     from .evaluation import evaluate_checkpoint
-    from .pipeline import method_dir
+    from .location import Location, check_writable
 
     cfg = _load(args)
-    if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-    else:
-        ckpt = latest_valid_checkpoint(method_dir(cfg, cfg.train.method) / "checkpoints")
-        if ckpt is None:
-            raise CheckpointError(f"no checkpoint in {method_dir(cfg, cfg.train.method) / 'checkpoints'}; "
-                                  "run `rayrobust train` first or pass --checkpoint")
-    out = Path(args.out) if args.out else method_dir(cfg, cfg.train.method) / "eval.json"
+    ckpt = _checkpoint(args, cfg, "run `rayrobust train` first or pass --checkpoint")
+    out = Location(args.out) if args.out else cfg.layout().eval_file(cfg.train.method)
+    check_writable(out.parent)
     res = evaluate_checkpoint(cfg, ckpt, out)
     keys = ("method", "eps", "n_eval", "clean_acc", "pgd_acc", "n_autoattack", "autoattack_acc", "flags")
     print(json.dumps({k: res[k] for k in keys}, indent=2))
@@ -147,9 +148,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_certify(args) -> int:
     from .certify import certify_checkpoint
-    from .checkpoint import latest_valid_checkpoint
-    from .errors import CheckpointError, ConfigError
-    from .pipeline import method_dir
+    from .errors import ConfigError
+    from .location import Location
 
     cfg = _load(args)
     try:
@@ -158,14 +158,8 @@ def cmd_certify(args) -> int:
         radii = []
     if not radii:
         raise ConfigError(f"--radii {args.radii!r} must be comma-separated numbers >= 0, e.g. 0.1,0.25,0.5")
-    if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-    else:
-        ckpt = latest_valid_checkpoint(method_dir(cfg, cfg.train.method) / "checkpoints")
-        if ckpt is None:
-            raise CheckpointError(f"no checkpoint in {method_dir(cfg, cfg.train.method) / 'checkpoints'}; "
-                                  "run `rayrobust train --method clustr` first or pass --checkpoint")
-    out = Path(args.out) if args.out else ckpt.resolve().parent.parent / "certificate.json"
+    ckpt = _checkpoint(args, cfg, "run `rayrobust train --method clustr` first or pass --checkpoint")
+    out = Location(args.out) if args.out else cfg.layout().method_dir(cfg.train.method) / "certificate.json"
     res = certify_checkpoint(ckpt, radii=radii, n=args.n if args.n is not None else cfg.eval.n_eval, out_path=out,
                              data_root=cfg.data.root, download=cfg.data.download, seed=cfg.eval.seed)
     keys = ("method", "n", "clean_acc", "certified_acc", "flags")
@@ -194,10 +188,10 @@ def cmd_results(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .semantic.stages import load_source_dataset, run_extract_stage
+    from .semantic.stages import source_images, run_extract_stage
 
     cfg = _load(args)
-    manifest = run_extract_stage(cfg.semantic, cfg.run_dir, args.checkpoint, load_source_dataset(cfg.data, cfg.semantic))
+    manifest = run_extract_stage(cfg.semantic, cfg.run_location(), args.checkpoint, source_images(cfg.data, cfg.semantic))
     print(json.dumps({k: manifest[k] for k in ("n", "dim") if k in manifest}, indent=2))
     return 0
 
@@ -206,16 +200,16 @@ def cmd_cluster(args) -> int:
     from .semantic.stages import run_cluster_stage
 
     cfg = _load(args)
-    out = run_cluster_stage(cfg.semantic, cfg.run_dir, args.checkpoint)
+    out = run_cluster_stage(cfg.semantic, cfg.run_location(), args.checkpoint)
     print(json.dumps({"k_per_class": out.get("k_per_class")}, indent=2))
     return 0
 
 
 def cmd_dictionaries(args) -> int:
-    from .semantic.stages import load_source_dataset, run_dictionaries_stage
+    from .semantic.stages import source_images, run_dictionaries_stage
 
     cfg = _load(args)
-    manifest = run_dictionaries_stage(cfg.semantic, cfg.run_dir, load_source_dataset(cfg.data, cfg.semantic))
+    manifest = run_dictionaries_stage(cfg.semantic, cfg.run_location(), source_images(cfg.data, cfg.semantic))
     print(json.dumps({"num_clusters": manifest.get("num_clusters"), "params": manifest.get("params")}, indent=2))
     return 0
 

@@ -211,7 +211,7 @@ def _parquet(data_cfg: Any, split: str, limit: Optional[int], keep, drop):
     files = image_meta_files(meta, root, split, limit)
     if not files:
         raise DataError(f"{root}: no Parquet files for split {split!r} (expected {root}/{split}/*.parquet)")
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs, columns=list(PARQUET_COLUMNS))
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs).select_columns(list(PARQUET_COLUMNS))
     return ds.map_batches(_decode_parquet, fn_kwargs={"shape": tuple(meta["shape"]), "num_classes": int(meta["num_classes"]),
                                                       "limit": limit, "keep": keep, "drop": drop},
                           batch_size=_LOAD_BATCH, batch_format="pyarrow")

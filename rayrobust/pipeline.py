@@ -2,28 +2,27 @@
 print one table and write `<run_dir>/summary.json`."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Dict, List
 
 from .config import ExperimentConfig
-from .io import provenance, sha256_file, write_json
+from .io import provenance, read_json, write_json
+from .location import Location
 
 
-def method_dir(cfg: ExperimentConfig, method: str) -> Path:
-    return Path(cfg.run_dir) / method
+def method_dir(cfg: ExperimentConfig, method: str) -> Location:
+    return cfg.layout().method_dir(method)
 
 
-def _cached_eval(path: Path, checkpoint: Path, cfg: ExperimentConfig) -> Dict[str, Any] | None:
+def _cached_eval(path: Location, checkpoint: Location, cfg: ExperimentConfig) -> Dict[str, Any] | None:
     """A previous evaluation of the same checkpoint with the same eval settings, if any."""
-    if not path.exists():
-        return None
+    from .checkpoint import checkpoint_sha256
+
     try:
-        old = json.loads(path.read_text())
+        old = read_json(path)
         prov = old["provenance"]
-        same_ckpt = prov["checkpoint_sha256"] == sha256_file(checkpoint)
+        same_ckpt = prov["checkpoint_sha256"] == checkpoint_sha256(checkpoint)
         same_eval = prov["config"]["eval"] == cfg.to_dict()["eval"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
     return old if same_ckpt and same_eval else None
 
@@ -79,6 +78,10 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
     from .evaluation import evaluate_checkpoint
     from .train import fit
 
+    from .location import check_writable
+
+    run = cfg.layout()
+    check_writable(run.root)  # a wrong bucket, endpoint or credential fails here, before any work
     rows = []
     trained = {}
     # Order: methods that need no semantic artifacts (and semantic.source_method) -> extract, cluster,
@@ -98,16 +101,16 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
     if "evaluate" in cfg.stages:
         for method in cfg.methods:
             ckpt = trained.get(method) or _latest(cfg, method)
-            out = method_dir(cfg, method) / "eval.json"
+            out = run.eval_file(method)
             mcfg = cfg.for_method(method)
             res = _cached_eval(out, ckpt, mcfg)
             if res is None:
-                print(f"== {method}: evaluating {ckpt.name}", flush=True)
+                print(f"== {method}: evaluating {ckpt.name if ckpt.name != 'checkpoint.pt' else ckpt.parent.name}",
+                      flush=True)
                 res = evaluate_checkpoint(mcfg, ckpt, out, label=method)
             else:
                 print(f"== {method}: reusing {out} (same checkpoint and eval settings)", flush=True)
             rows.append(summary_row(res))
-            _push(cfg)  # evaluation results reach shared storage as soon as they exist
     ec = cfg.eval
     summary = {
         "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval, "n_autoattack": ec.n_autoattack,
@@ -122,10 +125,10 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         summary["attacks"].update(adaptive=ADAPTIVE_COLUMN, nonadaptive=NONADAPTIVE_COLUMN)
     if semantic is not None:
         summary["semantic"] = semantic
-    write_json(Path(cfg.run_dir) / "summary.json", summary)
+    write_json(run.summary, summary)
     if rows:
         print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
-    print(f"summary: {Path(cfg.run_dir) / 'summary.json'}", flush=True)
+    print(f"summary: {run.summary}", flush=True)
     return summary
 
 
@@ -155,38 +158,23 @@ def _training_order(cfg: ExperimentConfig) -> tuple:
     return early, late
 
 
-def _push(cfg: ExperimentConfig) -> None:
-    from .storage import mirror_for, push
-
-    mirror = mirror_for(cfg, cfg.run_dir)
-    if mirror is not None:
-        push(cfg.run_dir, mirror)
-
-
-def _latest(cfg: ExperimentConfig, method: str) -> Path:
-    from .checkpoint import latest_valid_checkpoint
-    from .errors import CheckpointError
-
-    ckpt = latest_valid_checkpoint(method_dir(cfg, method) / "checkpoints")
-    if ckpt is None:
-        raise CheckpointError(f"no checkpoint for {method} in {method_dir(cfg, method) / 'checkpoints'}; "
-                              "add 'train' to stages or run `rayrobust train` first")
-    return ckpt
+def _latest(cfg: ExperimentConfig, method: str) -> Location:
+    return cfg.layout().latest_checkpoint(method, hint="add 'train' to stages or run `rayrobust train` first")
 
 
 def _run_semantic(cfg: ExperimentConfig) -> Dict[str, Any]:
     """The latent stages named in cfg.stages, from semantic.source_method's latest checkpoint."""
-    from .semantic.stages import (load_source_dataset, run_cluster_stage, run_dictionaries_stage,
+    from .semantic.stages import (source_images, run_cluster_stage, run_dictionaries_stage,
                                   run_extract_stage)
 
     sc = cfg.semantic
     ckpt = _latest(cfg, sc.source_method)
-    out: Dict[str, Any] = {"source_checkpoint": str(ckpt)}
-    dataset = load_source_dataset(cfg.data, sc) if {"extract", "dictionaries"} & set(cfg.stages) else None
+    out: Dict[str, Any] = {"source_checkpoint": ckpt.uri}
+    dataset = source_images(cfg.data, sc)
     if "extract" in cfg.stages:
-        out["latents"] = {k: v for k, v in run_extract_stage(sc, cfg.run_dir, ckpt, dataset).items() if k in ("n", "dim")}
+        out["latents"] = {k: v for k, v in run_extract_stage(sc, cfg.run_location(), ckpt, dataset).items() if k in ("n", "dim")}
     if "cluster" in cfg.stages:
-        out["k_per_class"] = run_cluster_stage(sc, cfg.run_dir, ckpt).get("k_per_class")
+        out["k_per_class"] = run_cluster_stage(sc, cfg.run_location(), ckpt).get("k_per_class")
     if "dictionaries" in cfg.stages:
-        out["dictionaries"] = run_dictionaries_stage(sc, cfg.run_dir, dataset).get("num_clusters")
+        out["dictionaries"] = run_dictionaries_stage(sc, cfg.run_location(), dataset).get("num_clusters")
     return out

@@ -1,6 +1,7 @@
 """`rayrobust results`: the whole comparison, once per seed, aggregated into one table.
 
-For every seed s in `cfg.seeds` the pipeline runs in `<run_dir>/seed<s>/` with train.seed = s (the
+For every seed s in `cfg.seeds` the pipeline runs in `<run_dir>/seed<s>/` (a local path or a storage
+URI, s3://, gs://, file://) with train.seed = s (the
 evaluation seed stays `eval.seed`, so every model meets the same attack randomness). The per-seed
 summaries are aggregated per method into `<run_dir>/summary.json` (mean, standard deviation and
 the per-seed values of every accuracy, the union of the flags), and the README's results table,
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from .config import ExperimentConfig, config_from_dict
 from .errors import ConfigError
 from .io import atomic_path, provenance, write_json
+from .location import check_writable
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -34,9 +36,16 @@ COLUMNS = [
 ]
 
 
+def _child_dir(run_dir: str, name: str) -> str:
+    """`run_dir`/`name`, keeping a URI a URI and a relative path relative (it may live under storage_path)."""
+    if "://" in run_dir:
+        return run_dir.rstrip("/") + "/" + name
+    return str(Path(run_dir) / name)
+
+
 def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     raw = cfg.to_dict()
-    raw["run_dir"] = str(Path(cfg.run_dir) / f"seed{seed}")
+    raw["run_dir"] = _child_dir(cfg.run_dir, f"seed{seed}")
     raw["train"]["seed"] = seed
     raw["seeds"] = [seed]
     return config_from_dict(raw)
@@ -147,23 +156,23 @@ def run_results(cfg: ExperimentConfig, *, command: str = "make results", readme:
 
     if "evaluate" not in cfg.stages:
         raise ConfigError("results needs the evaluate stage: add 'evaluate' to stages")
+    run = check_writable(cfg.run_location())  # a wrong bucket, endpoint or credential fails before any training
     per_seed: Dict[int, Dict[str, Any]] = {}
     for seed in cfg.seeds:
-        print(f"=== seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}): {cfg.run_dir}/seed{seed}", flush=True)
+        print(f"=== seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}): {(run / f'seed{seed}').uri}", flush=True)
         per_seed[seed] = run_pipeline(seed_config(cfg, seed))
     first = next(iter(per_seed.values()))
     summary = {
         "dataset": first["dataset"], "eps": first["eps"], "norm": first["norm"], "n_eval": first["n_eval"],
         "n_autoattack": first["n_autoattack"], "pgd_steps": cfg.eval.pgd_steps, "seeds": list(cfg.seeds),
         "attacks": first["attacks"], "rows": aggregate(per_seed), "hardware": _hardware(), "command": command,
-        "per_seed": {str(s): str(Path(cfg.run_dir) / f"seed{s}" / "summary.json") for s in per_seed},
+        "per_seed": {str(s): (run / f"seed{s}" / "summary.json").uri for s in per_seed},
         "provenance": provenance(config=cfg.to_dict()),
     }
-    out = Path(cfg.run_dir) / "summary.json"
-    write_json(out, summary)
+    out = write_json(run / "summary.json", summary)
     table = markdown_table(summary)
     print(table, flush=True)
-    print(f"summary: {out}", flush=True)
+    print(f"summary: {out.uri}", flush=True)
     if readme is not None:
         print(f"README table {'updated' if update_readme(readme, table) else 'not updated (no results markers)'}: "
               f"{readme}", flush=True)

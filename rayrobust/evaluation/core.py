@@ -18,7 +18,8 @@ from ..attacks import ATTACKS, accuracy, robust_accuracy
 from ..attacks.autoattack import attacks_for, summarize_autoattack
 from ..attacks.checks import (check_robust_le_clean, check_square_vs_whitebox, failed, run_model_checks)
 from ..errors import ConfigError
-from ..io import provenance, sha256_file, write_json
+from ..io import provenance, write_json
+from ..location import Where, as_location
 
 DatasetLike = Union[str, Tuple[torch.Tensor, torch.Tensor], Any]
 
@@ -162,16 +163,18 @@ def evaluate(
     return result
 
 
-def evaluate_checkpoint(cfg, checkpoint: Union[str, Path], out_path: Optional[Union[str, Path]] = None,
+def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = None,
                         *, label: Optional[str] = None) -> Dict[str, Any]:
-    """Evaluate a rayrobust checkpoint with `cfg.eval` through its method's decision function."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    """Evaluate a rayrobust checkpoint (a local path or URI) with `cfg.eval` through its method's decision
+    function; write the result to `out_path` (a local path or URI) when given."""
+    from ..checkpoint import checkpoint_sha256, load_checkpoint, model_from_payload
     from ..data import load_dataset
     from ..methods import create_method, method_kwargs
 
+    checkpoint = as_location(checkpoint)
     payload = load_checkpoint(checkpoint)
     method_name = payload["config"]["train"]["method"]
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_payload(payload, checkpoint)
     kwargs = method_kwargs(payload["config"]["train"])
     if payload.get("model_meta", {}).get("num_labels"):
         kwargs["num_classes"] = payload["model_meta"]["num_labels"]
@@ -199,8 +202,8 @@ def evaluate_checkpoint(cfg, checkpoint: Union[str, Path], out_path: Optional[Un
                                      check_n=ec.n_autoattack or 100)
         res["flags"] = res["flags"] + res["certificate"]["flags"]
     res["method"] = method_name
-    res["provenance"] = provenance(config=cfg.to_dict(), seed=ec.seed, checkpoint=str(checkpoint),
-                                   checkpoint_sha256=sha256_file(checkpoint), trained_with=payload["config"])
+    res["provenance"] = provenance(config=cfg.to_dict(), seed=ec.seed, checkpoint=checkpoint.uri,
+                                   checkpoint_sha256=checkpoint_sha256(checkpoint), trained_with=payload["config"])
     if out_path is not None:
         write_json(out_path, res)
     return res

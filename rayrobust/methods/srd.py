@@ -201,45 +201,47 @@ class SRD(Method):
         return load_semantic_state(cfg)
 
 
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+def _read_json(path: "Location") -> Optional[Dict[str, Any]]:  # noqa: F821
+    from ..io import read_json
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, ValueError):
         return None
 
 
-def _source_candidates(cfg, sdir: Path) -> Tuple[Optional[Dict[str, Any]], list]:
-    """(the latents' recorded source, checkpoint paths that may hold it: the recorded path, then the
+def _source_candidates(cfg, sdir: "Location") -> Tuple[Optional[Dict[str, Any]], list]:  # noqa: F821
+    """(the latents' recorded source, checkpoints that may hold it: the recorded one, then the
     latest of semantic.source_method)."""
-    from ..checkpoint import latest_valid_checkpoint
+    from ..checkpoint import latest_valid_checkpoint, payload_file
+    from ..location import Location
     from ..semantic.extract import LATENTS_DIR
 
     manifest = _read_json(sdir / LATENTS_DIR / "manifest.json") or {}
     source = manifest.get("source")
     paths = []
     if source and source.get("kind") == "checkpoint" and source.get("path"):
-        paths.append(Path(source["path"]))
-    latest = latest_valid_checkpoint(Path(cfg.run_dir) / cfg.semantic.source_method / "checkpoints")
+        paths.append(Location(source["path"]))
+    latest = latest_valid_checkpoint(cfg.layout().checkpoints(cfg.semantic.source_method))
     if latest is not None:
         paths.append(latest)
-    unique: Dict[Path, Path] = {}
+    unique: Dict[Any, Any] = {}
     for p in paths:
-        if p.is_file():
-            unique.setdefault(p.resolve(), p)
+        if payload_file(p).is_file():
+            unique.setdefault(payload_file(p), p)
     return source, list(unique.values())
 
 
-def _matches(path: Path, source: Optional[Dict[str, Any]]) -> bool:
+def _matches(path: "Location", source: Optional[Dict[str, Any]]) -> bool:  # noqa: F821
     """Whether the checkpoint at `path` is the model the latents were extracted with."""
-    from ..checkpoint import model_from_checkpoint
-    from ..io import sha256_file
+    from ..checkpoint import checkpoint_sha256, model_from_checkpoint
     from ..semantic.artifacts import module_sha256
 
     if not source or "sha256" not in source:
         return True  # nothing recorded to compare with
     if source.get("kind") == "module":
         return module_sha256(model_from_checkpoint(path)) == source["sha256"]
-    return sha256_file(path) == source["sha256"]
+    return checkpoint_sha256(path) == source["sha256"]
 
 
 def load_semantic_state(cfg) -> Dict[str, Any]:
@@ -254,7 +256,7 @@ def load_semantic_state(cfg) -> Dict[str, Any]:
     from ..semantic.errors import MissingArtifactError
     from ..semantic.stages import semantic_dir
 
-    sdir = semantic_dir(cfg.run_dir)
+    sdir = semantic_dir(cfg.run_location())
     if not (sdir / CLUSTERS_DIR / "manifest.json").is_file():
         raise MissingArtifactError(missing_clusters_message(sdir / CLUSTERS_DIR))
     if not (sdir / DICTIONARIES_DIR / "manifest.json").is_file():
@@ -265,7 +267,7 @@ def load_semantic_state(cfg) -> Dict[str, Any]:
         recorded = f" (the latents were extracted from {source['path']})" if source and source.get("path") else ""
         raise CheckpointError(
             f"srd needs the source checkpoint: no checkpoint of semantic.source_method={source_method!r} in "
-            f"{Path(cfg.run_dir) / source_method / 'checkpoints'}{recorded}; train it (rayrobust train --set "
+            f"{cfg.layout().checkpoints(source_method)}{recorded}; train it (rayrobust train --set "
             f"train.method={source_method}), then re-run rayrobust extract, cluster and dictionaries with "
             "--set semantic.overwrite=true")
     ckpt = next((p for p in paths if _matches(p, source)), None)
@@ -306,7 +308,7 @@ def load_semantic_state(cfg) -> Dict[str, Any]:
                           f"{width}-d latents: re-run extract, cluster and dictionaries with "
                           "--set semantic.overwrite=true")
     return {"method_state": state, "model": payload["model"],
-            "source": {"checkpoint": str(ckpt), "sha256": (source or {}).get("sha256")}}
+            "source": {"checkpoint": ckpt.uri, "sha256": (source or {}).get("sha256")}}
 
 
 def _num_features(payload: Dict[str, Any]) -> int:

@@ -3,36 +3,58 @@
 Each stage writes one directory (`latents/`, `clusters/`, `dictionaries/`) with a `manifest.json`
 holding a *reuse key*: the hashes and settings the artifact was made from. Re-running a stage with
 the same key reuses the directory; a different key is refused (ArtifactMismatchError, nothing is
-touched) unless `overwrite=True`. A directory is built under a temporary name next to its final
-place and renamed in, so a crash never leaves a half-written artifact that a later stage would read.
+touched) unless `overwrite=True`. Directories live on a local disk or in object storage (a `Location`).
+A directory is built under a temporary name next to its final place, then committed: renamed in on a
+local disk; in object storage the old manifest goes first, the files are copied in (server-side) and
+the manifest is written last. A reader trusts a directory only through its manifest, so a crash never
+leaves a half-written artifact that a later stage would read.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
+from ..location import Location, Where, as_location
 from .errors import ArtifactMismatchError, MissingArtifactError
 
 MANIFEST = "manifest.json"
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: Where) -> Iterator[Location]:
     """Yield an empty temporary directory next to `path`; on success it replaces `path` whole."""
-    path = Path(path)
+    dest = as_location(path)
+    if dest.is_local:
+        yield from _atomic_local_dir(dest.local_path())
+        return
+    staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        yield staging
+        files = [rel for rel, _ in staging.files()]
+        (dest / MANIFEST).delete()  # from here on readers see no artifact, never a mixed one
+        dest.delete()
+        for rel in sorted(files, key=lambda r: r == MANIFEST):  # the manifest last: it commits the directory
+            (staging / rel).copy_to(dest / rel)
+    finally:
+        staging.delete()
+
+
+def _atomic_local_dir(path: Path) -> Iterator[Location]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        yield Location(tmp)
         old = None
         if path.exists():  # overwrite: move the old one aside first, drop it after the rename
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -45,36 +67,54 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_manifest(directory: str | os.PathLike, *, stage: str, hint: str) -> Dict[str, Any]:
+def save_npy(path: Location, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    path.write_bytes(buf.getvalue())
+
+
+def save_npz(path: Location, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+
+
+def load_npy(path: Location) -> Any:
+    """An array (.npy) or an archive of arrays (.npz) from a local path or URI."""
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
+def read_manifest(directory: Where, *, stage: str, hint: str) -> Dict[str, Any]:
     """The manifest of an artifact directory, or MissingArtifactError saying which stage makes it."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise MissingArtifactError(f"{stage} artifact {str(Path(directory))!r} is missing (no {MANIFEST}); {hint}")
+    directory = as_location(directory)
+    path = directory / MANIFEST
     try:
         return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingArtifactError(f"{stage} artifact {directory.uri!r} is missing (no {MANIFEST}); {hint}") from None
     except json.JSONDecodeError as e:
-        raise MissingArtifactError(f"{path} is not valid JSON ({e}); delete {str(Path(directory))!r} and {hint}") from None
+        raise MissingArtifactError(f"{path} is not valid JSON ({e}); delete {directory.uri!r} and {hint}") from None
 
 
-def check_reuse(directory: str | os.PathLike, key: Dict[str, Any], *, stage: str,
+def check_reuse(directory: Where, key: Dict[str, Any], *, stage: str,
                 overwrite: bool) -> Optional[Dict[str, Any]]:
     """The existing manifest when `directory` was made from `key`; None when it must be (re)built.
 
     A directory made from other inputs raises ArtifactMismatchError naming what differs, unless
     `overwrite` is set.
     """
-    directory = Path(directory)
-    if not directory.exists():
-        return None
-    manifest_path = directory / MANIFEST
-    old_key = None
-    if manifest_path.is_file():
-        try:
-            old_key = json.loads(manifest_path.read_text()).get("reuse_key")
-        except (json.JSONDecodeError, AttributeError):
-            old_key = None
+    directory = as_location(directory)
+    manifest = None
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        if not directory.exists():
+            return None
+    except json.JSONDecodeError:
+        manifest = None
+    old_key = manifest.get("reuse_key") if isinstance(manifest, dict) else None
     if old_key == _jsonable(key):
-        return json.loads(manifest_path.read_text())
+        return manifest
     if overwrite:
         return None
     if old_key is None:
@@ -83,7 +123,7 @@ def check_reuse(directory: str | os.PathLike, key: Dict[str, Any], *, stage: str
         diff = [k for k in sorted(set(old_key) | set(key)) if old_key.get(k) != _jsonable(key).get(k)]
         what = "; ".join(f"{k}: on disk {_short(old_key.get(k))}, now {_short(_jsonable(key).get(k))}" for k in diff)
     raise ArtifactMismatchError(
-        f"{stage} artifact {str(directory)!r} was made from other inputs ({what}); refusing to overwrite it. "
+        f"{stage} artifact {directory.uri!r} was made from other inputs ({what}); refusing to overwrite it. "
         f"Use another run directory, delete it, or pass overwrite=True (CLI: --set semantic.overwrite=true)"
     )
 

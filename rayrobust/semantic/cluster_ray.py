@@ -6,8 +6,8 @@ the driver included, ever holds all latents) and answers the k-means assignment 
 updates the centroids and drives all classes concurrently. Same code path as the single-process
 core: same seed -> same clusters.
 
-Multi-node: actors read the latent files by path, so the run directory must be on storage every
-node sees (NFS, or the shared `storage_path` of `cluster.yaml`); actors are spread over nodes.
+Multi-node: actors read their latent files from the run's storage (a local path or a URI such as
+s3://bucket/run/semantic/latents/...), so no shared filesystem is needed; actors are spread over nodes.
 
 Example:
     >>> summary = run_cluster("runs/demo/semantic", "runs/demo/semantic", k_max=5, num_shards=4)
@@ -15,12 +15,12 @@ Example:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..location import Location, Where, as_location
 from .artifacts import atomic_dir, check_reuse, read_manifest
 from .clustering import CLUSTERS_DIR, ClusterResult, adaptive_cluster, save_clusters
 from .extract import latents_dir
@@ -81,7 +81,7 @@ class RayShards:
             ray.kill(a)
 
 
-def cluster_distributed(source: Union[str, Path, Tuple[np.ndarray, np.ndarray, np.ndarray]], *, num_shards: int = 2,
+def cluster_distributed(source: Union[Where, Tuple[np.ndarray, np.ndarray, np.ndarray]], *, num_shards: int = 2,
                         actor_options: Optional[Dict[str, Any]] = None,
                         **kwargs: Any) -> Tuple[ClusterResult, Dict[str, Any]]:
     """`adaptive_cluster` over Ray actors. source: a latents directory (each actor loads some of its
@@ -99,7 +99,7 @@ def cluster_distributed(source: Union[str, Path, Tuple[np.ndarray, np.ndarray, n
         sources: List[Any] = [(index[p], labels[p], latents[p]) for p in parts]
     else:
         d = latents_dir(source)
-        files = [str(d / s["file"]) for s in read_manifest(d, stage="latents", hint="run extract first")["shards"]]
+        files = [(d / s["file"]).uri for s in read_manifest(d, stage="latents", hint="run extract first")["shards"]]
         num_shards = min(num_shards, len(files))
         sources = [files[i::num_shards] for i in range(num_shards)]  # round-robin files -> actors
     group = RayShards(sources, actor_options)
@@ -109,7 +109,7 @@ def cluster_distributed(source: Union[str, Path, Tuple[np.ndarray, np.ndarray, n
         group.close()
 
 
-def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, threshold: float = 0.2,
+def run_cluster(latents: Where, out_dir: Where, *, k_max: int = 5, threshold: float = 0.2,
                 iters: int = 25, n_init: int = 3, sample_size: int = 2000, seed: int = 0, var_floor: float = 1e-4,
                 num_shards: int = 2, expected_dim: Optional[int] = None, overwrite: bool = False,
                 actor_options: Optional[Dict[str, Any]] = None, verbose: bool = True) -> Dict[str, Any]:
@@ -130,7 +130,7 @@ def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, thr
     settings = {"k_max": k_max, "threshold": threshold, "iters": iters, "n_init": n_init, "sample_size": sample_size,
                 "seed": seed, "var_floor": var_floor}
     key = {"latents": lat_manifest["reuse_key"], **settings}
-    dest = Path(out_dir) / CLUSTERS_DIR
+    dest = as_location(out_dir) / CLUSTERS_DIR
     old = check_reuse(dest, key, stage="clusters", overwrite=overwrite)
     if old is not None:
         _log(verbose, f"clusters: reusing {dest} (same latents and settings)")
@@ -144,7 +144,7 @@ def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, thr
 
     with atomic_dir(dest) as tmp:
         summary = save_clusters(result, tmp, {
-            "reuse_key": key, "source_latents": {"dir": str(src), "reuse_key": lat_manifest["reuse_key"],
+            "reuse_key": key, "source_latents": {"dir": src.uri, "reuse_key": lat_manifest["reuse_key"],
                                                  "source": lat_manifest.get("source"), "n": lat_manifest["n"]},
             "nodes": nodes["nodes"], "shards": nodes["actors"], "wall_seconds": round(time.perf_counter() - t0, 3),
             "provenance": provenance(seed=seed)})
@@ -153,10 +153,10 @@ def run_cluster(latents: str | Path, out_dir: str | Path, *, k_max: int = 5, thr
     return summary
 
 
-def _read_summary(directory: Path) -> Dict[str, Any]:
-    import json
+def _read_summary(directory: Location) -> Dict[str, Any]:
+    from ..io import read_json
 
-    return json.loads((directory / "clusters.json").read_text())
+    return read_json(directory / "clusters.json")
 
 
 def _log(verbose: bool, msg: str) -> None:

@@ -30,7 +30,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..io import write_json
-from .artifacts import MANIFEST, read_manifest
+from ..location import Where, as_location
+from .artifacts import MANIFEST, load_npy, read_manifest, save_npy, save_npz
 from .errors import LatentError
 from .kmeans import KMeansJob, LatentShard, nearest, run_jobs
 
@@ -242,14 +243,14 @@ def cluster_latents(index: np.ndarray, labels: np.ndarray, latents: np.ndarray, 
 # ------------------------------------------------------------------------------------------------
 # Artifacts
 # ------------------------------------------------------------------------------------------------
-def save_clusters(result: ClusterResult, directory: Path, extra: Dict[str, Any]) -> Dict[str, Any]:
+def save_clusters(result: ClusterResult, directory: "Where", extra: Dict[str, Any]) -> Dict[str, Any]:
     """Write the cluster artifacts into `directory` (the caller makes it atomic); return clusters.json."""
-    directory = Path(directory)
-    np.save(directory / "centroids.npy", result.centroids)
-    np.save(directory / "cluster_means.npy", result.means)
-    np.save(directory / "cluster_vars.npy", result.variances)
-    np.save(directory / "cluster_class.npy", result.cluster_class)
-    np.savez(directory / "assignments.npz", index=result.index, cluster=result.assignment)
+    directory = as_location(directory)
+    save_npy(directory / "centroids.npy", result.centroids)
+    save_npy(directory / "cluster_means.npy", result.means)
+    save_npy(directory / "cluster_vars.npy", result.variances)
+    save_npy(directory / "cluster_class.npy", result.cluster_class)
+    save_npz(directory / "assignments.npz", index=result.index, cluster=result.assignment)
     summary = {
         "format": FORMAT, **result.settings,
         "num_clusters": int(len(result.centroids)), "dim": int(result.centroids.shape[1]),
@@ -268,12 +269,13 @@ def save_clusters(result: ClusterResult, directory: Path, extra: Dict[str, Any])
     return summary
 
 
-def load_clusters(directory: str | Path) -> Dict[str, Any]:
-    """The cluster artifacts as a dict: summary (clusters.json) + numpy arrays."""
-    directory = Path(directory)
+def load_clusters(directory: "Where") -> Dict[str, Any]:
+    """The cluster artifacts (a local path or URI) as a dict: summary (clusters.json) + numpy arrays."""
+    directory = as_location(directory)
     read_manifest(directory, stage="clusters", hint="run the cluster stage first (`rayrobust cluster`)")
-    a = np.load(directory / "assignments.npz")
+    a = load_npy(directory / "assignments.npz")
     return {"summary": json.loads((directory / "clusters.json").read_text()),
-            "centroids": np.load(directory / "centroids.npy"), "means": np.load(directory / "cluster_means.npy"),
-            "variances": np.load(directory / "cluster_vars.npy"), "cluster_class": np.load(directory / "cluster_class.npy"),
+            "centroids": load_npy(directory / "centroids.npy"), "means": load_npy(directory / "cluster_means.npy"),
+            "variances": load_npy(directory / "cluster_vars.npy"),
+            "cluster_class": load_npy(directory / "cluster_class.npy"),
             "index": a["index"], "assignment": a["cluster"]}

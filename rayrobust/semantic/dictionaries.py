@@ -116,10 +116,16 @@ def cross_errors(images_by_cluster: Dict[int, torch.Tensor], dicts: Dict[int, np
 class DictionaryWorker:
     """Learns dictionaries for the clusters it is handed. Plain class; a Ray actor at the call site."""
 
-    def __init__(self, threads: Optional[int] = None):
+    def __init__(self, threads: Optional[int] = None, source: Any = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.source = source  # an ImageSource: this worker loads its own copy of the images
+
+    def learn_members(self, cluster: int, members: np.ndarray, params: DictionaryParams) -> Tuple[int, np.ndarray, Dict]:
+        """`learn` on the images at dataset positions `members` of this worker's own copy of the source."""
+        images = self.source.load().x[torch.as_tensor(members, dtype=torch.long)].contiguous()
+        return self.learn(cluster, images, params)
 
     def learn(self, cluster: int, images: torch.Tensor, params: DictionaryParams) -> Tuple[int, np.ndarray, Dict]:
         t0 = time.perf_counter()
@@ -144,11 +150,13 @@ def dictionary_file(cluster: int) -> str:
     return f"cluster_{cluster:03d}.npy"
 
 
-def save_dictionaries(directory: Path, dicts: Dict[int, np.ndarray], infos: Dict[int, Dict],
+def save_dictionaries(directory: "Location", dicts: Dict[int, np.ndarray], infos: Dict[int, Dict],
                       params: DictionaryParams, extra: Dict[str, Any]) -> Dict[str, Any]:
     """Write cluster_XXX.npy files and manifest.json into `directory` (the caller makes it atomic)."""
+    from .artifacts import save_npy
+
     for k, D in dicts.items():
-        np.save(directory / dictionary_file(k), D.astype(np.float32))
+        save_npy(directory / dictionary_file(k), D.astype(np.float32))
     manifest = {"format": FORMAT, "params": asdict(params), "num_clusters": len(dicts),
                 "files": {str(k): dictionary_file(k) for k in sorted(dicts)},
                 "clusters": {str(k): infos[k] for k in sorted(infos)}, **extra}
@@ -158,13 +166,16 @@ def save_dictionaries(directory: Path, dicts: Dict[int, np.ndarray], infos: Dict
     return manifest
 
 
-def load_dictionaries(directory: str | Path) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """(dictionaries (K, n_atoms, C*p*p) float32 in cluster order, manifest)."""
-    directory = Path(directory)
+def load_dictionaries(directory: "Where") -> Tuple[np.ndarray, Dict[str, Any]]:  # noqa: F821
+    """(dictionaries (K, n_atoms, C*p*p) float32 in cluster order, manifest), from a local path or URI."""
+    from ..location import as_location
+    from .artifacts import load_npy
+
+    directory = as_location(directory)
     manifest = read_manifest(directory, stage="dictionaries",
                              hint="run the dictionaries stage first (`rayrobust dictionaries`)")
     files = manifest["files"]
-    return np.stack([np.load(directory / files[str(k)]) for k in range(len(files))]), manifest
+    return np.stack([load_npy(directory / files[str(k)]) for k in range(len(files))]), manifest
 
 
 __all__ = ["DictionaryParams", "DictionaryWorker", "cross_errors", "learn_cluster_dictionary", "load_dictionaries",

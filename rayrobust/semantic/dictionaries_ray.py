@@ -1,32 +1,37 @@
 """Learning the per-cluster dictionaries on Ray actors (one GPU each when the cluster has GPUs).
 
-The driver picks each cluster's source images (`select_members`), puts them in the object store and
-hands clusters to a pool of `DictionaryWorker` actors, the next cluster to whichever actor is free.
-Each cluster's learning is seeded by (seed, cluster), so the result does not depend on which actor
-ran it. Output: `<out_dir>/dictionaries/cluster_XXX.npy` + `manifest.json`, written atomically.
+The driver picks each cluster's member images by dataset position (`select_members`) and hands
+clusters to a pool of `DictionaryWorker` actors, the next cluster to whichever actor is free; each
+actor loads its own copy of the images (an `ImageSource`), so no image passes through the driver (an
+in-memory dataset given from Python is put in the object store instead). Each cluster's learning is
+seeded by (seed, cluster), so the result does not depend on which actor ran it. Output:
+`<out_dir>/dictionaries/cluster_XXX.npy` + `manifest.json` on a local path or URI, committed atomically.
 
 Example:
-    >>> manifest = run_dictionaries(train, "runs/demo/semantic", "runs/demo/semantic", DictionaryParams())
+    >>> manifest = run_dictionaries(ImageSource("fashion_mnist"), "s3://b/run/semantic", "s3://b/run/semantic",
+    ...                             DictionaryParams())
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
 from ..data import ArrayDataset
 from ..errors import ConfigError
+from ..location import Where, as_location
 from .artifacts import atomic_dir, check_reuse, dataset_sha256
 from .clustering import CLUSTERS_DIR, load_clusters
 from .dictionaries import DICTIONARIES_DIR, DictionaryParams, DictionaryWorker, save_dictionaries, select_members
 from .errors import ArtifactMismatchError
+from .source import ImageSource, describe
 
 
-def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str | Path, params: DictionaryParams, *,
+def run_dictionaries(dataset: Union[ImageSource, ArrayDataset], clusters: Where, out_dir: Where,
+                     params: DictionaryParams, *,
                      num_actors: int = 2, use_gpu: Optional[bool] = None, overwrite: bool = False,
                      actor_options: Optional[Dict[str, Any]] = None, verbose: bool = True) -> Dict[str, Any]:
     """Learn one dictionary per cluster of `<clusters>/clusters/` from `dataset`'s images; return the manifest.
@@ -40,17 +45,22 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
 
     if num_actors < 1:
         raise ConfigError(f"semantic.dict_actors={num_actors} must be >= 1")
-    cdir = Path(clusters) / CLUSTERS_DIR if (Path(clusters) / CLUSTERS_DIR).exists() else Path(clusters)
+    clusters = as_location(clusters)
+    cdir = clusters if clusters.name == CLUSTERS_DIR else clusters / CLUSTERS_DIR
     cl = load_clusters(cdir)
     source = cl["summary"]["source_latents"]
-    data_sha = dataset_sha256(dataset.x, dataset.y)
-    if source["reuse_key"].get("data_sha256") not in (None, data_sha) or source["n"] != len(dataset):
+    if isinstance(dataset, ImageSource):
+        info = describe(dataset)  # on a worker: the driver never loads the images
+        data_sha, n, name, shape = info["data_sha256"], info["n"], info["name"], info["shape"]
+    else:
+        data_sha, n, name, shape = dataset_sha256(dataset.x, dataset.y), len(dataset), dataset.name, list(dataset.shape)
+    if source["reuse_key"].get("data_sha256") not in (None, data_sha) or source["n"] != n:
         raise ArtifactMismatchError(
-            f"the dataset given ({dataset.name}, n={len(dataset)}) is not the one the latents in {source['dir']} "
+            f"the dataset given ({name}, n={n}) is not the one the latents in {source['dir']} "
             f"came from ({source['reuse_key'].get('dataset')}, n={source['n']}); pass the same data "
             "(same data.name, data.train_limit and semantic.extract_limit)")
     key = {"clusters": cl["summary"]["reuse_key"], "params": asdict(params)}
-    dest = Path(out_dir) / DICTIONARIES_DIR
+    dest = as_location(out_dir) / DICTIONARIES_DIR
     old = check_reuse(dest, key, stage="dictionaries", overwrite=overwrite)
     if old is not None:
         _log(verbose, f"dictionaries: reusing {dest} (same clusters and parameters)")
@@ -63,7 +73,9 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
     options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     options.update(actor_options or {})
     Worker = ray.remote(DictionaryWorker).options(**options)
-    actors = [Worker.remote(None if use_gpu else int(options.get("num_cpus", 1))) for _ in range(actors_n)]
+    own_copy = isinstance(dataset, ImageSource)
+    actors = [Worker.remote(None if use_gpu else int(options.get("num_cpus", 1)), dataset if own_copy else None)
+              for _ in range(actors_n)]
     _log(verbose, f"dictionaries: {num_clusters} clusters on {actors_n} Ray actor(s) "
                   f"({'1 GPU' if use_gpu else '1 CPU'} each), p={params.patch_size}, {params.n_atoms} atoms, "
                   f"lambda={params.sparsity}")
@@ -71,7 +83,7 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
     queue = []
     for k in range(num_clusters):
         members = select_members(cl["index"], cl["assignment"], k, params.max_images_per_cluster, params.seed)
-        queue.append((k, ray.put(dataset.x[torch.as_tensor(members, dtype=torch.long)].contiguous())))
+        queue.append((k, members if own_copy else ray.put(dataset.x[torch.as_tensor(members, dtype=torch.long)].contiguous())))
     dicts: Dict[int, np.ndarray] = {}
     infos: Dict[int, Dict] = {}
     try:
@@ -79,7 +91,7 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
         for actor in actors:  # prime every actor, then hand the next cluster to whichever finishes
             if queue:
                 k, ref = queue.pop(0)
-                pending[actor.learn.remote(k, ref, params)] = actor
+                pending[_learn(actor, own_copy).remote(k, ref, params)] = actor
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(ready[0])
@@ -92,7 +104,7 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
                           f"[{len(dicts)}/{num_clusters}]")
             if queue:
                 k, ref = queue.pop(0)
-                pending[actor.learn.remote(k, ref, params)] = actor
+                pending[_learn(actor, own_copy).remote(k, ref, params)] = actor
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -101,10 +113,14 @@ def run_dictionaries(dataset: ArrayDataset, clusters: str | Path, out_dir: str |
         nodes[str(info.get("node"))] = nodes.get(str(info.get("node")), 0) + 1
     with atomic_dir(dest) as tmp:
         manifest = save_dictionaries(tmp, dicts, infos, params, {
-            "reuse_key": key, "image_shape": list(dataset.shape), "source_clusters": str(cdir), "nodes": nodes,
+            "reuse_key": key, "image_shape": list(shape), "source_clusters": cdir.uri, "nodes": nodes,
             "timings": {"seconds": round(time.perf_counter() - t0, 3)}, "provenance": provenance(seed=params.seed)})
     _log(verbose, f"dictionaries: {num_clusters} dictionaries in {time.perf_counter() - t0:.1f}s -> {dest}")
     return manifest
+
+
+def _learn(actor, own_copy: bool):
+    return actor.learn_members if own_copy else actor.learn
 
 
 def _log(verbose: bool, msg: str) -> None:

@@ -1,17 +1,21 @@
 """Latent extraction: f(x) = model.forward_features(x) for every image, stored as Parquet shards.
 
 Core (no Ray): `extract_latents(model, x, batch_size) -> (N, d) float32`.
-Ray wrapper: `run_extract(...)` streams the images through a Ray Data actor pool
-(`map_batches(LatentExtractor, compute=ActorPoolStrategy(size=n), num_gpus=1 per actor when the
-cluster has GPUs)`), and the driver writes the stream to Parquet shards with pyarrow as it arrives:
+Ray wrapper: `run_extract(...)` runs a Ray Data pipeline whose workers do all the data work: the
+images are read by the workers (each extraction actor loads its own copy of a registered dataset
+and takes the rows it is handed by index; an in-memory dataset given from Python is the exception),
+`map_batches(LatentExtractor, compute=ActorPoolStrategy(size=n), num_gpus=1 per actor when the
+cluster has GPUs)` computes the latents, and Ray Data's Parquet writer writes them from the workers
+straight to the run's storage (a local path or URI):
 
-    <out_dir>/latents/part-00000.parquet ...   columns: index int64, label int64,
-                                               latent fixed_size_list<float32>[d]
-    <out_dir>/latents/manifest.json            source sha256, dataset, n, dim, shards, nodes, timings
+    <out_dir>/latents/<name>.parquet ...   columns: index int64, label int64,
+                                           latent fixed_size_list<float32>[d], node, worker (strings)
+    <out_dir>/latents/manifest.json        source sha256, dataset, n, dim, shards, nodes, timings
 
 Example:
-    >>> manifest = run_extract("runs/demo/standard/checkpoints/epoch_003.pt", train, "runs/demo/semantic")
-    >>> index, labels, latents = read_latents("runs/demo/semantic")
+    >>> manifest = run_extract("runs/demo/standard/checkpoints/epoch_003", ImageSource("fashion_mnist"),
+    ...                        "s3://bucket/runs/demo/semantic")
+    >>> index, labels, latents = read_latents("s3://bucket/runs/demo/semantic")
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -30,9 +33,11 @@ from torch import nn
 
 from ..data import ArrayDataset
 from ..errors import ConfigError
-from ..io import provenance, sha256_file, write_json
+from ..io import provenance, write_json
+from ..location import Location, Where, as_location
 from .artifacts import MANIFEST, atomic_dir, check_reuse, dataset_sha256, module_sha256, read_manifest
 from .errors import LatentError
+from .source import ImageSource, describe
 
 FORMAT = "rayrobust-latents-v1"
 LATENTS_DIR = "latents"
@@ -75,18 +80,29 @@ def _list_column(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     return arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), width)
 
 
-def latents_dir(out_dir: str | Path) -> Path:
+def latents_dir(out_dir: Where) -> Location:
     """`out_dir/latents`, or `out_dir` itself when it already is a latents directory."""
-    out_dir = Path(out_dir)
-    return out_dir if (out_dir / MANIFEST).is_file() and not (out_dir / LATENTS_DIR).exists() else out_dir / LATENTS_DIR
+    out_dir = as_location(out_dir)
+    if out_dir.name == LATENTS_DIR or ((out_dir / MANIFEST).is_file() and not (out_dir / LATENTS_DIR).exists()):
+        return out_dir
+    return out_dir / LATENTS_DIR
 
 
-def read_latents(directory: str | Path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+_LATENT_COLUMNS = ["index", "label", "latent"]
+
+
+def read_shard(path: Where, columns: Optional[list] = None) -> pa.Table:
+    """One latent Parquet file (local path or URI): index, label, latent (or the given columns)."""
+    with as_location(path).open_input() as f:
+        return pq.read_table(f, columns=columns or _LATENT_COLUMNS)
+
+
+def read_latents(directory: Where) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index (N,) int64, labels (N,) int64, latents (N, d) float32), sorted by index."""
     d = latents_dir(directory)
     manifest = read_manifest(d, stage="latents", hint="run the extract stage first (`rayrobust extract`)")
     dim = int(manifest["dim"])
-    tables = [pq.read_table(d / s["file"]) for s in manifest["shards"]]
+    tables = [read_shard(d / s["file"]) for s in manifest["shards"]]
     table = pa.concat_tables(tables) if tables else latent_schema(dim).empty_table()
     index = table.column("index").to_numpy()
     labels = table.column("label").to_numpy()
@@ -102,13 +118,18 @@ def read_latents(directory: str | Path) -> Tuple[np.ndarray, np.ndarray, np.ndar
 # Ray Data callable: one per actor of the pool
 # ------------------------------------------------------------------------------------------------
 class LatentExtractor:
-    """Holds the model on its device; maps an Arrow batch (index, label, image) -> (index, label, latent, node)."""
+    """Holds the model on its device; maps an Arrow batch -> (index, label, latent, node, worker).
 
-    def __init__(self, model_ref: Any, image_shape: Tuple[int, int, int], batch_size: int, threads: Optional[int]):
+    A batch is either rows of `ray.data.range(n)` (column `id`: dataset positions, the images come from
+    this actor's own copy of `source`) or rows carrying the images (index, label, image)."""
+
+    def __init__(self, model_ref: Any, image_shape: Tuple[int, int, int], batch_size: int, threads: Optional[int],
+                 source: Optional[ImageSource] = None):
         import ray
 
         if threads:
             torch.set_num_threads(threads)
+        self.data = source.load() if source is not None else None
         model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
@@ -119,10 +140,15 @@ class LatentExtractor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        width = int(np.prod(self.shape))
-        x = torch.from_numpy(_list_column(batch.column("image"), width).reshape(n, *self.shape).copy())  # (B, C, H, W)
+        if self.data is not None:  # positions in this actor's own copy of the dataset
+            index = batch.column("id").to_numpy().astype(np.int64)
+            x, labels = self.data.x[torch.from_numpy(index)], self.data.y[torch.from_numpy(index)].numpy()
+        else:
+            width = int(np.prod(self.shape))
+            x = torch.from_numpy(_list_column(batch.column("image"), width).reshape(n, *self.shape).copy())  # (B, C, H, W)
+            index, labels = batch.column("index").to_numpy(), batch.column("label").to_numpy()
         z = extract_latents(self.model, x, self.batch_size, self.device)  # (B, d)
-        table = latents_table(batch.column("index").to_numpy(), batch.column("label").to_numpy(), z)
+        table = latents_table(index, labels, z)
         table = table.append_column("node", pa.array([self.node] * n, pa.string()))
         return table.append_column("worker", pa.array([self.worker] * n, pa.string()))
 
@@ -140,26 +166,27 @@ def _image_blocks(x: torch.Tensor, y: torch.Tensor, rows: int) -> list:
     return blocks
 
 
-def _resolve_source(model_or_checkpoint: Union[nn.Module, str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
+def _resolve_source(model_or_checkpoint: Union[nn.Module, Where]) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model and what identifies it: a checkpoint's sha256, or a module's state_dict sha256."""
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
         return model, {"kind": "module", "class": type(model).__name__, "sha256": module_sha256(model)}
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..checkpoint import checkpoint_sha256, load_checkpoint, model_from_payload
 
-    path = Path(model_or_checkpoint)
-    model = model_from_checkpoint(path)  # CheckpointError when missing/corrupt/unsafe
-    meta = load_checkpoint(path).get("model_meta", {})
-    return model, {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path), "model_meta": meta}
+    path = as_location(model_or_checkpoint)
+    payload = load_checkpoint(path)  # CheckpointError when missing/corrupt/unsafe
+    model = model_from_payload(payload, path)
+    return model, {"kind": "checkpoint", "path": path.uri, "sha256": checkpoint_sha256(path),
+                   "model_meta": payload.get("model_meta", {})}
 
 
 # ------------------------------------------------------------------------------------------------
 # Ray wrapper
 # ------------------------------------------------------------------------------------------------
 def run_extract(
-    model_or_checkpoint_path: Union[nn.Module, str, Path],
-    dataset: ArrayDataset,
-    out_dir: str | Path,
+    model_or_checkpoint_path: Union[nn.Module, Where],
+    dataset: Union[ImageSource, ArrayDataset],
+    out_dir: Where,
     *,
     num_actors: int = 2,
     batch_size: int = 256,
@@ -171,8 +198,10 @@ def run_extract(
 ) -> Dict[str, Any]:
     """Extract latents of `dataset` with a Ray Data actor pool; write `<out_dir>/latents/`; return the manifest.
 
-    Same source weights + dataset (name, n, content hash) as the existing artifact -> reused as is;
-    different -> ArtifactMismatchError unless `overwrite`. `ray_remote_args` go to each actor
+    `dataset`: an ImageSource (each actor loads its own copy: nothing passes through the driver) or an
+    in-memory ArrayDataset (shipped from this process, for notebooks and tests). `out_dir`: a local path
+    or URI. Same source weights + dataset (name, n, content hash) as the existing artifact -> reused as
+    is; different -> ArtifactMismatchError unless `overwrite`. `ray_remote_args` go to each actor
     (e.g. `{"resources": {"node_a": 1}}` to pin placement); `rows_per_shard` defaults to ~n/8.
     """
     import ray
@@ -181,13 +210,17 @@ def run_extract(
 
     if num_actors < 1 or batch_size < 1:
         raise ConfigError(f"num_actors={num_actors} and batch_size={batch_size} must both be >= 1")
-    if len(dataset) == 0:
-        raise ConfigError(f"dataset {dataset.name!r} is empty; nothing to extract")
     model, source = _resolve_source(model_or_checkpoint_path)
-    n = len(dataset)
-    key = {"source_sha256": source["sha256"], "dataset": dataset.name, "n": n,
-           "data_sha256": dataset_sha256(dataset.x, dataset.y)}
-    dest = Path(out_dir) / LATENTS_DIR
+    if isinstance(dataset, ImageSource):
+        info = describe(dataset)  # on a worker: n and content hash without loading the images here
+        n, name, shape, num_classes, data_sha = info["n"], info["name"], tuple(info["shape"]), info["num_classes"], info["data_sha256"]
+    else:
+        n, name, shape, num_classes = len(dataset), dataset.name, dataset.shape, dataset.num_classes
+        data_sha = dataset_sha256(dataset.x, dataset.y)
+    if n == 0:
+        raise ConfigError(f"dataset {name!r} is empty; nothing to extract")
+    key = {"source_sha256": source["sha256"], "dataset": name, "n": n, "data_sha256": data_sha}
+    dest = latents_dir(out_dir)
     old = check_reuse(dest, key, stage="latents", overwrite=overwrite)
     if old is not None:
         _log(verbose, f"latents: reusing {dest} (same source sha256 {key['source_sha256'][:12]}, dataset, n={n})")
@@ -197,7 +230,7 @@ def run_extract(
     use_gpu, gpus = resolve_use_gpu(use_gpu)
     actors = min(num_actors, gpus) if use_gpu else num_actors
     per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    dim = int(getattr(model, "num_features", 0)) or extract_latents(model, dataset.x[:1], 1).shape[1]
+    dim = int(getattr(model, "num_features", 0)) or extract_latents(model, torch.zeros(1, *shape), 1).shape[1]
     rows_per_shard = rows_per_shard or max(256, min(65536, math.ceil(n / 8)))
     block_rows = max(batch_size, min(4096, math.ceil(n / (4 * actors))))
 
@@ -206,54 +239,61 @@ def run_extract(
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # Ray 2.60's DataContext warns about its own deprecated fields
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
+        if isinstance(dataset, ImageSource):  # only positions leave the driver; each actor loads the images
+            ds = ray.data.from_arrow([pa.table({"id": np.arange(s, min(s + block_rows, n), dtype=np.int64)})
+                                      for s in range(0, n, block_rows)])
+        else:
+            ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
     ds.context.enable_progress_bars = False  # this dataset's own copy of the context, not the global one
-    ds.context.execution_options.preserve_order = True  # shards come out in index order: reproducible files
     ds.context.wait_for_min_actors_s = 600  # start every pool actor before dispatching: the work is spread
     ds = ds.map_batches(
         LatentExtractor,
-        fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": dataset.shape,
-                               "batch_size": batch_size, "threads": None if use_gpu else 1},
+        fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": shape,
+                               "batch_size": batch_size, "threads": None if use_gpu else 1,
+                               "source": dataset if isinstance(dataset, ImageSource) else None},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size, batch_format="pyarrow", **per_actor, **(ray_remote_args or {}),
     )
     _log(verbose, f"latents: extracting n={n} images with {actors} Ray Data actor(s) "
                   f"({'1 GPU' if use_gpu else '1 CPU'} each), batch {batch_size}, into {dest}")
-    nodes: Dict[str, int] = {}  # node id -> rows it extracted
-    workers: Dict[str, int] = {}  # "node:pid" of each actor -> rows
-    shards = []
-    first_output = None  # seconds until the first latents came back (actor start + model load)
-    schema = latent_schema(dim)
     with atomic_dir(dest) as tmp:
-        for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="pyarrow"):
-            first_output = first_output or time.perf_counter() - t0
-            for column, tally in (("node", nodes), ("worker", workers)):
-                names, counts = np.unique(batch.column(column).to_numpy(zero_copy_only=False), return_counts=True)
-                for name, count in zip(names, counts):
-                    tally[str(name)] = tally.get(str(name), 0) + int(count)
-            table = batch.drop_columns(["node", "worker"]).cast(schema)
-            name = f"part-{len(shards):05d}.parquet"
-            pq.write_table(table, tmp / name)
-            shards.append({"file": name, "rows": table.num_rows})
-            _log(verbose, f"latents: wrote {name} ({sum(s['rows'] for s in shards)}/{n} rows, "
-                          f"{time.perf_counter() - t0:.1f}s)")
+        # The workers write the Parquet files themselves, straight to the run's storage.
+        # Write tasks take no CPU slot: they only move bytes, and the pool's actors may hold every CPU.
+        ds.write_parquet(tmp.uri, min_rows_per_file=rows_per_shard, ray_remote_args={"num_cpus": 0})
         seconds = time.perf_counter() - t0
+        shards, nodes, workers = _tally_shards(tmp)
         total = sum(s["rows"] for s in shards)
         if total != n:
             raise LatentError(f"extraction produced {total} rows for {n} images; nothing was written")
         manifest = {
-            "format": FORMAT, "reuse_key": key, "source": source, "dataset": dataset.name, "n": n, "dim": dim,
-            "image_shape": list(dataset.shape), "num_classes": dataset.num_classes,
-            "columns": {"index": "int64", "label": "int64", "latent": f"fixed_size_list<float32>[{dim}]"},
+            "format": FORMAT, "reuse_key": key, "source": source, "dataset": name, "n": n, "dim": dim,
+            "image_shape": list(shape), "num_classes": num_classes,
+            "data": dataset.to_dict() if isinstance(dataset, ImageSource) else {"in_memory": True},
+            "columns": {"index": "int64", "label": "int64", "latent": f"fixed_size_list<float32>[{dim}]",
+                        "node": "string", "worker": "string"},
             "shards": shards, "nodes": nodes, "workers": workers,
             "compute": {"actors": actors, "per_actor": per_actor, "batch_size": batch_size, "block_rows": block_rows},
-            "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1),
-                        "first_output_s": round(first_output, 3)},
+            "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1)},
             "provenance": provenance(),
         }
         write_json(tmp / MANIFEST, manifest)
     _log(verbose, f"latents: {n} x {dim} in {seconds:.1f}s ({n / seconds:.0f} images/s) on {len(nodes)} node(s)")
     return manifest
+
+
+def _tally_shards(directory: Location) -> Tuple[list, Dict[str, int], Dict[str, int]]:
+    """([{file, rows}], node id -> rows, "node:pid" -> rows) of the Parquet files the workers wrote."""
+    shards, nodes, workers = [], {}, {}
+    for f in directory.iterdir():
+        if not f.name.endswith(".parquet"):
+            continue
+        table = read_shard(f, columns=["node", "worker"])
+        shards.append({"file": f.name, "rows": table.num_rows})
+        for column, tally in (("node", nodes), ("worker", workers)):
+            names, counts = np.unique(table.column(column).to_numpy(zero_copy_only=False), return_counts=True)
+            for value, count in zip(names, counts):
+                tally[str(value)] = tally.get(str(value), 0) + int(count)
+    return shards, nodes, workers
 
 
 def _log(verbose: bool, msg: str) -> None:

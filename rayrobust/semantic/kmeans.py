@@ -82,13 +82,12 @@ class LatentShard:
 
     @classmethod
     def from_parquet(cls, paths: Sequence[str], threads: Optional[int] = 1) -> "LatentShard":
-        """Load latent Parquet shards (the extract stage's files) into one shard."""
+        """Load latent Parquet shards (the extract stage's files, local paths or URIs) into one shard."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        from .extract import _list_column
+        from .extract import _list_column, read_shard
 
-        table = pa.concat_tables([pq.read_table(p) for p in paths])
+        table = pa.concat_tables([read_shard(p) for p in paths])
         dim = table.schema.field("latent").type.list_size
         return cls(table.column("index").to_numpy(), table.column("label").to_numpy(),
                    _list_column(table.column("latent"), dim), threads)

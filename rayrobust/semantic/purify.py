@@ -100,9 +100,11 @@ class PurifiedClassifier(nn.Module):
         return self.classifier(self.purifier(x))
 
 
-def load_purifier(semantic_dir: str | Path, feature_model: nn.Module) -> Purifier:
-    """A Purifier from `<semantic_dir>/clusters/` and `<semantic_dir>/dictionaries/`."""
-    semantic_dir = Path(semantic_dir)
+def load_purifier(semantic_dir: "Where", feature_model: nn.Module) -> Purifier:  # noqa: F821
+    """A Purifier from `<semantic_dir>/clusters/` and `<semantic_dir>/dictionaries/` (a local path or URI)."""
+    from ..location import as_location
+
+    semantic_dir = as_location(semantic_dir)
     cl = load_clusters(semantic_dir / CLUSTERS_DIR)
     dicts, manifest = load_dictionaries(semantic_dir / DICTIONARIES_DIR)
     p = manifest["params"]

@@ -1,6 +1,9 @@
 """The SRD latent pipeline as three stages over a run directory, for the CLI, the pipeline and jobs/.
 
-    <run_dir>/<source_method>/checkpoints/epoch_XXX.pt      (from `rayrobust train`)
+The run directory is a local path or a storage URI; the images are named (`ImageSource`) and loaded
+by the Ray workers that use them, never by the driver.
+
+    <run_dir>/<source_method>/checkpoints/epoch_XXX/        (from `rayrobust train`)
     <run_dir>/semantic/latents/        extract       Ray Data actor pool     -> Parquet + manifest
     <run_dir>/semantic/clusters/       cluster       Ray actors, shards      -> clusters.json, *.npy
     <run_dir>/semantic/dictionaries/   dictionaries  Ray actors, per cluster -> cluster_XXX.npy + manifest
@@ -10,65 +13,58 @@ other inputs unless `semantic.overwrite` is set. `build_purifier(run_dir, model)
 inference-time purifier.
 
 Example:
-    >>> train = load_source_dataset(cfg.data, cfg.semantic)
+    >>> train = source_images(cfg.data, cfg.semantic)
     >>> run_extract_stage(cfg.semantic, cfg.run_dir, None, train)   # None: latest source_method checkpoint
     >>> run_cluster_stage(cfg.semantic, cfg.run_dir)
     >>> run_dictionaries_stage(cfg.semantic, cfg.run_dir, train)
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 from torch import nn
 
 from ..data import ArrayDataset
-from ..errors import CheckpointError
+from ..layout import SEMANTIC, RunLayout
+from ..location import Location, Where, as_location
 from .config import SemanticConfig
 from .purify import Purifier, load_purifier
+from .source import ImageSource
 
-SEMANTIC_DIR = "semantic"
-
-
-def semantic_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / SEMANTIC_DIR
+SEMANTIC_DIR = SEMANTIC
+Images = Union[ImageSource, ArrayDataset]
 
 
-def source_checkpoint(cfg: SemanticConfig, run_dir: str | Path) -> Path:
+def semantic_dir(run_dir: Where) -> Location:
+    return RunLayout(run_dir).semantic
+
+
+def source_checkpoint(cfg: SemanticConfig, run_dir: Where) -> Location:
     """The latest valid checkpoint of `cfg.source_method` in the run directory."""
-    from ..checkpoint import latest_valid_checkpoint
-
-    directory = Path(run_dir) / cfg.source_method / "checkpoints"
-    ckpt = latest_valid_checkpoint(directory)
-    if ckpt is None:
-        raise CheckpointError(f"no checkpoint in {directory}; train the source model first "
-                              f"(`rayrobust train --set train.method={cfg.source_method}`) or pass --checkpoint")
-    return ckpt
+    return RunLayout(run_dir).latest_checkpoint(cfg.source_method, hint=(
+        f"train the source model first (`rayrobust train --set train.method={cfg.source_method}`) or pass --checkpoint"))
 
 
-def load_source_dataset(data_cfg: Any, cfg: SemanticConfig) -> ArrayDataset:
+def source_images(data_cfg: Any, cfg: SemanticConfig) -> ImageSource:
     """The training images the latents are extracted from: data.name's train split, the first
-    data.train_limit images, then the first semantic.extract_limit of those."""
-    from ..data import load_dataset
-
-    ds = load_dataset(data_cfg.name, "train", root=getattr(data_cfg, "root", None),
-                      download=getattr(data_cfg, "download", False), limit=getattr(data_cfg, "train_limit", None))
-    return ds.take(cfg.extract_limit) if cfg.extract_limit else ds
+    data.train_limit images, then the first semantic.extract_limit of those (loaded by the workers)."""
+    return ImageSource.from_config(data_cfg, cfg)
 
 
-def run_extract_stage(cfg: SemanticConfig, run_dir: str | Path, checkpoint: Optional[str | Path],
-                      dataset: ArrayDataset) -> Dict[str, Any]:
+def run_extract_stage(cfg: SemanticConfig, run_dir: Where, checkpoint: Optional[Where],
+                      dataset: Images) -> Dict[str, Any]:
     """Latents of `dataset` under the source checkpoint -> <run_dir>/semantic/latents/. Returns the manifest."""
     from .extract import run_extract
 
-    checkpoint = Path(checkpoint) if checkpoint else source_checkpoint(cfg, run_dir)
-    print(f"== extract: latents of {len(dataset)} {dataset.name} images from {checkpoint}", flush=True)
+    checkpoint = as_location(checkpoint) if checkpoint else source_checkpoint(cfg, run_dir)
+    what = f"the first {dataset.limit}" if isinstance(dataset, ImageSource) and dataset.limit else "the"
+    print(f"== extract: latents of {what} {dataset.name} training images from {checkpoint}", flush=True)
     return run_extract(checkpoint, dataset, semantic_dir(run_dir), num_actors=cfg.num_actors,
                        batch_size=cfg.extract_batch_size, use_gpu=cfg.use_gpu, overwrite=cfg.overwrite)
 
 
-def run_cluster_stage(cfg: SemanticConfig, run_dir: str | Path,
-                      checkpoint: Optional[str | Path] = None) -> Dict[str, Any]:
+def run_cluster_stage(cfg: SemanticConfig, run_dir: Where,
+                      checkpoint: Optional[Where] = None) -> Dict[str, Any]:
     """Adaptive per-class k-means of the latents -> <run_dir>/semantic/clusters/. Returns clusters.json.
 
     With `checkpoint`, the latents' dimension is checked against that model's forward_features.
@@ -89,7 +85,7 @@ def run_cluster_stage(cfg: SemanticConfig, run_dir: str | Path,
                        num_shards=cfg.num_shards, expected_dim=expected_dim, overwrite=cfg.overwrite)
 
 
-def run_dictionaries_stage(cfg: SemanticConfig, run_dir: str | Path, dataset: ArrayDataset) -> Dict[str, Any]:
+def run_dictionaries_stage(cfg: SemanticConfig, run_dir: Where, dataset: Images) -> Dict[str, Any]:
     """One sparse dictionary per cluster -> <run_dir>/semantic/dictionaries/. Returns the manifest.
 
     `dataset` must be the one given to the extract stage (checked by content hash).
@@ -105,15 +101,6 @@ def run_dictionaries_stage(cfg: SemanticConfig, run_dir: str | Path, dataset: Ar
                             overwrite=cfg.overwrite)
 
 
-def run_semantic_stages(cfg: SemanticConfig, run_dir: str | Path, dataset: ArrayDataset,
-                        checkpoint: Optional[str | Path] = None) -> Dict[str, Any]:
-    """extract -> cluster -> dictionaries, in order; returns the three manifests."""
-    checkpoint = Path(checkpoint) if checkpoint else source_checkpoint(cfg, run_dir)
-    return {"latents": run_extract_stage(cfg, run_dir, checkpoint, dataset),
-            "clusters": run_cluster_stage(cfg, run_dir, checkpoint),
-            "dictionaries": run_dictionaries_stage(cfg, run_dir, dataset)}
-
-
-def build_purifier(run_dir: str | Path, feature_model: nn.Module) -> Purifier:
+def build_purifier(run_dir: Where, feature_model: nn.Module) -> Purifier:
     """The inference-time purifier from the run's clusters and dictionaries (see purify.py)."""
     return load_purifier(semantic_dir(run_dir), feature_model)

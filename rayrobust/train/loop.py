@@ -1,14 +1,16 @@
 """The training loop core: plain PyTorch, no Ray. `rayrobust.train.ray_train` runs it per worker.
 
-Data are whole tensors in memory (Fashion-MNIST/CIFAR scale); each worker takes a disjoint slice
-of an epoch permutation seeded by (seed, epoch), so a resumed run replays the same batches.
+In memory (`train_epoch`): whole tensors (Fashion-MNIST/CIFAR scale); each worker takes a disjoint
+slice of an epoch permutation seeded by (seed, epoch), so a resumed run replays the same batches.
+Streamed (`train_epoch_stream`): batches of uint8 images from a Ray Data shard
+(`stream_batches`), shuffled locally with a seed of (seed, epoch) (docs/data.md says what replays).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -105,6 +107,83 @@ def train_epoch(
     seconds = time.perf_counter() - start
     out = {k: v / max(1, len(batches)) for k, v in sums.items()}
     out["images_per_s"] = len(batches) * batch_size / max(seconds, 1e-9)  # global images (all workers)
+    out["epoch_seconds"] = seconds
+    return out
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch (the same formula as `epoch_batches`)."""
+    return seed * 100_003 + epoch
+
+
+def stream_steps(n_train: int, batch_size: int) -> int:
+    """Optimisation steps per streamed epoch: full global batches of the training rows."""
+    return n_train // batch_size
+
+
+def stream_batches(shard: Any, batch_size: int, *, epoch: int, seed: int, world: int = 1,
+                   shuffle_buffer: Optional[int] = None) -> Iterable[Dict[str, torch.Tensor]]:
+    """One epoch of this worker's batches from a Ray Data shard (`ray.train.get_dataset_shard("train")`):
+    dicts of `image` (B, C, H, W) uint8 and `label` (B,), B = batch_size // world, shuffled in a local
+    buffer (default: 8 batches, at least 2048 rows) seeded by (seed, epoch)."""
+    per_worker = batch_size // world
+    buffer = shuffle_buffer if shuffle_buffer is not None else max(8 * per_worker, 2048)
+    return shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=buffer or None,
+                                    local_shuffle_seed=epoch_seed(seed, epoch) if buffer else None)
+
+
+def train_epoch_stream(
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Dict[str, torch.Tensor]],
+    *,
+    epoch: int,
+    epochs: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    scale: float = 255.0,
+    device: torch.device = torch.device("cpu"),
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, float]:
+    """`train_epoch` over streamed batches ({"image": uint8 (B,C,H,W), "label": (B,)}; image / scale is in [0,1]).
+
+    Trains exactly `steps` batches (`stream_steps(n_train, batch_size)`: the same one-cycle schedule and step
+    count on every worker, so DDP ranks stay in step); batches beyond them are read and dropped, so the
+    shard's epoch completes. Returns mean loss, mean method metrics, images/s (global) and seconds.
+    """
+    if steps < 1:
+        raise ValueError(f"an epoch of {steps} steps: the training set is smaller than one batch of {batch_size}")
+    total_steps = epochs * steps
+    sums: Dict[str, float] = {}
+    start = time.perf_counter()
+    report_every = max(1, steps // 4)
+    done = 0
+    for batch in batches:
+        if done == steps:
+            continue  # drain: the shard's epoch ends when its iterator is exhausted
+        for group in optimizer.param_groups:
+            group["lr"] = one_cycle_lr(epoch * steps + done, total_steps, lr)
+        x = batch["image"].to(device, non_blocking=True).float().div_(scale)
+        y = batch["label"].to(device, non_blocking=True).long()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, metrics = train_step(model, method, optimizer, x, y, amp_dtype=amp_dtype)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1} step {done}; lower train.lr")
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        done += 1
+        if log and done % report_every == 0 and done < steps:
+            log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {sums['loss'] / done:.4f}")
+    if done < steps:
+        raise RuntimeError(f"the data shard ended after {done} of {steps} batches in epoch {epoch + 1}")
+    seconds = time.perf_counter() - start
+    out = {k: v / steps for k, v in sums.items()}
+    out["images_per_s"] = steps * batch_size / max(seconds, 1e-9)  # global images (all workers)
     out["epoch_seconds"] = seconds
     return out
 

@@ -1,31 +1,35 @@
-"""Ray Train (V2) wrapper around the training loop.
+"""Ray Train (V2) wrapper around the training loop, persisted by Ray Train to the run's storage.
 
-`fit(cfg, method, run_dir)` runs `TorchTrainer` with `cfg.train.num_workers` workers. Rank 0
-writes a checkpoint per epoch to `<run_dir>/checkpoints/` (atomic, safe format) and the metrics
-history to `<run_dir>/metrics.jsonl`. Every (re)start of the worker function — a user's resume or a
-Ray Train restart after a lost worker — continues from the newest valid checkpoint there; epoch
-batches and RNG are seeded by (seed, epoch) so a resumed run replays an uninterrupted one.
-Multi-node runs need the run directory on storage every node sees: either `run_dir` on a shared
-filesystem (NFS), or a storage path (S3, `rayrobust.storage`) that rank 0 pushes every checkpoint to
-and every (re)started worker pulls the newest one from. Each worker records its pid and node in
-`<run_dir>/workers/rank<r>.json` (where to look when a node misbehaves); checkpoints record the node
-of every rank in `provenance.worker_nodes`.
+`fit(cfg, run_dir, method=...)` runs `TorchTrainer` with `cfg.train.num_workers` workers and
+`RunConfig(storage_path=<run_dir>, name="checkpoints")`, where `run_dir` (the method's directory) is
+a local path or a storage URI (s3://, gs://, file://). Every epoch rank 0 reports a
+`ray.train.Checkpoint` (`checkpoint.pt` in the safe format + sha256 sidecar) with
+`ray.train.report(..., checkpoint_dir_name="epoch_003")`; Ray Train uploads it to
+`<run_dir>/checkpoints/epoch_003/`. Every (re)start of the worker function — a Ray Train restart after
+a lost worker, or a resubmitted job, on any node — continues from `ray.train.get_checkpoint()` (Ray
+Train restores it from the run's storage), else from the newest valid checkpoint listed there; epoch
+batches and RNG are seeded by (seed, epoch), so a resumed run replays an uninterrupted one. No node
+needs a shared filesystem. Rank 0 also writes `<run_dir>/metrics.jsonl`; each worker records its pid
+and node in `<run_dir>/workers/rank<r>.json` (where to look when a node misbehaves); checkpoints
+record the node of every rank in `provenance.worker_nodes`.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..checkpoint import checkpoint_name, load_latest_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_name, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import CheckpointError, ConfigError, RayRobustError
 from ..io import provenance, write_json, write_jsonl
+from ..layout import CHECKPOINTS
+from ..location import Location, Where, as_location, check_writable
 from ..raycluster import ensure_ray
-from ..storage import Mirror, mirror_for, pull, push
 
 # What must match for a checkpoint to be continued by a new `fit` call.
 _IDENTITY = (("train", "method"), ("model", "name"), ("data", "name"), ("train", "eps"), ("train", "seed"))
@@ -33,24 +37,24 @@ _IDENTITY = (("train", "method"), ("model", "name"), ("data", "name"), ("train",
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    checkpoint: Path
+    run_dir: Location
+    checkpoint: Location
     epochs: int
     metrics: List[Dict[str, Any]]  # one dict per epoch
     resumed_from: Optional[int]  # epoch the run continued from (None = started fresh)
 
 
-def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
-    """cfg for `method`: train.method set and the config's `method_overrides` for it applied."""
-    return cfg.for_method(method)
-
-
-def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
+def check_resumable(run_dir: Location, cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
     """The newest checkpoint's payload if the run can continue from it; an error if it belongs to another run."""
-    found = load_latest_checkpoint(run_dir / "checkpoints")
+    found = load_latest_checkpoint(run_dir / CHECKPOINTS)
     if found is None:
         return None
-    payload = found[1]
+    check_identity(found[1], cfg, run_dir)
+    return found[1]
+
+
+def check_identity(payload: Dict[str, Any], cfg: ExperimentConfig, run_dir: Location) -> None:
+    """A ConfigError when `payload` is a checkpoint of another run (method, model, data, eps or seed differ)."""
     old, new = payload["config"], cfg.to_dict()
     for section, key in _IDENTITY:
         if old[section][key] != new[section][key]:
@@ -58,7 +62,33 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig) -> Optional[Dict[str, 
                 f"{run_dir} holds a run with {section}.{key}={old[section][key]!r}, not {new[section][key]!r}; "
                 "use another run_dir (--set run_dir=...) or delete the old one"
             )
-    return payload
+
+
+def _resume_payload(run_dir: Location, log) -> Optional[Dict[str, Any]]:
+    """What a (re)started worker continues from: Ray Train's latest checkpoint (restored from the run's
+    storage after a failure or a resubmission) when it verifies, else the newest valid one listed there."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        try:
+            with ckpt.as_directory() as d:
+                return load_checkpoint(Path(d))
+        except CheckpointError as e:
+            if log:
+                log(f"warning: Ray Train's latest checkpoint is unusable ({e}); using the newest valid one")
+    found = load_latest_checkpoint(run_dir / CHECKPOINTS)
+    return found[1] if found else None
+
+
+def _report_checkpoint(metrics: Dict[str, Any], payload: Dict[str, Any], epoch: int) -> None:
+    """rank 0: `ray.train.report` with this epoch's checkpoint directory (uploaded to the run's storage)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="rayrobust-ckpt-") as d:
+        save_checkpoint(Path(d), payload)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=checkpoint_name(epoch))
 
 
 def _worker_loop(loop_config: Dict[str, Any]) -> None:
@@ -71,8 +101,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     from .loop import make_optimizer, train_epoch, train_val_split, validate
 
     cfg = config_from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    mirror = Mirror(**loop_config["mirror"]) if loop_config.get("mirror") else None
+    run_dir = Location(loop_config["run_dir"])
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -98,18 +127,15 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
     history: List[Dict[str, Any]] = []
     start_epoch = 0
-    if mirror is not None:  # this node may never have seen the run: fetch its newest checkpoint
-        pull(mirror, run_dir)
-    found = load_latest_checkpoint(run_dir / "checkpoints")
-    if found is not None:
-        latest, payload = found
+    payload = _resume_payload(run_dir, log)
+    if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if payload.get("method_state"):
             method.load_state_dict(payload["method_state"])
         history, start_epoch = list(payload["history"]), int(payload["epoch"])
         if log:
-            log(f"resuming from {latest.name} (epoch {start_epoch}/{tc.epochs})")
+            log(f"resuming from {checkpoint_name(start_epoch)} (epoch {start_epoch}/{tc.epochs})")
     model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -138,10 +164,12 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             metrics.update(validate(method.decision(bare), data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
                                     pgd_steps=tc.val_pgd_steps, seed=tc.seed))
         metrics["seconds"] = time.perf_counter() - t0
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if rank == 0:
             history.append(metrics)
-            path = run_dir / "checkpoints" / checkpoint_name(epoch + 1)
-            save_checkpoint(path, {
+            write_jsonl(run_dir / "metrics.jsonl", history)
+            log(_epoch_line(metrics, tc.epochs))
+            _report_checkpoint(scalars, {
                 "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
@@ -150,12 +178,9 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                 "model_meta": meta,
                 "method_state": {k: v.detach().cpu() for k, v in method.state_dict().items()},
                 "provenance": provenance(seed=tc.seed, world_size=world, device=str(device), worker_nodes=nodes),
-            })
-            write_jsonl(run_dir / "metrics.jsonl", history)
-            if mirror is not None:
-                push(run_dir, mirror)  # the checkpoint outlives this node
-            log(_epoch_line(metrics, tc.epochs))
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            }, epoch + 1)
+        else:
+            ray.train.report(scalars)  # every rank reports each epoch (a barrier); rank 0 brings the checkpoint
 
 
 def _worker_nodes(world: int, device: torch.device) -> List[Optional[str]]:
@@ -173,7 +198,7 @@ def _worker_nodes(world: int, device: torch.device) -> List[Optional[str]]:
     return [node]
 
 
-def _record_worker(run_dir: Path, rank: int, node: Optional[str], epoch: int, start_epoch: int) -> None:
+def _record_worker(run_dir: Location, rank: int, node: Optional[str], epoch: int, start_epoch: int) -> None:
     """`<run_dir>/workers/rank<r>.json`: which process on which node trains which epoch (ops and fault tests)."""
     import os
     import socket
@@ -190,22 +215,22 @@ def _epoch_line(m: Dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = None) -> TrainResult:
-    """Train `method` (default cfg.train.method) on Ray Train; continue the run in `run_dir` if one is there."""
+def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optional[str] = None) -> TrainResult:
+    """Train `method` (default cfg.train.method) on Ray Train in `run_dir` (default: the method's directory
+    of the config's run, `<run_dir>/<method>`; a local path or a storage URI); continue the run there if
+    one is."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if method is not None:
-        cfg = method_config(cfg, method)
+        cfg = cfg.for_method(method)
+    from ..data import DATASETS
     from ..methods import METHODS
     from ..models import MODELS
-    from ..data import DATASETS
 
     METHODS.get(cfg.train.method), MODELS.get(cfg.model.name), DATASETS.get(cfg.data.name)  # fail fast on names
-    run_dir = Path(run_dir).resolve()
-    mirror = mirror_for(cfg, run_dir)
-    if mirror is not None:
-        pull(mirror, run_dir)
+    run_dir = as_location(run_dir) if run_dir is not None else cfg.layout().method_dir(cfg.train.method)
+    check_writable(run_dir)  # a wrong bucket, endpoint or credential fails here, before any work
     payload = check_resumable(run_dir, cfg)
     resumed_from = int(payload["epoch"]) if payload else None
     if payload and resumed_from >= cfg.train.epochs:
@@ -219,11 +244,12 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
         use_gpu = _use_gpu(cfg)
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
-                               "mirror": mirror.to_dict() if mirror else None, "init": init},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-            run_config=RunConfig(name=f"train-{cfg.train.method}", storage_path=str(run_dir / "ray"),
+            # Ray Train persists every reported checkpoint to <run_dir>/checkpoints/epoch_XXX/ and restores
+            # the latest one from there on a restart or a resubmission.
+            run_config=RunConfig(name=CHECKPOINTS, storage_path=run_dir.uri,
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch lines suffice
                                  # worker prints go to the driver once, not also through Train's logger
@@ -233,17 +259,13 @@ def fit(cfg: ExperimentConfig, run_dir: str | Path, *, method: Optional[str] = N
             trainer.fit()
         except Exception as e:  # surface a user error from inside a worker as itself
             raise _unwrap(e) from None
-        if mirror is not None:  # rank 0 may have run on another node
-            pull(mirror, run_dir)
-    found = load_latest_checkpoint(run_dir / "checkpoints")
+    found = load_latest_checkpoint(run_dir / CHECKPOINTS)
     if found is None:
-        raise RayRobustError(f"training finished but no checkpoint is in {run_dir / 'checkpoints'}")
+        raise RayRobustError(f"training finished but no checkpoint is in {run_dir / CHECKPOINTS}")
     latest, payload = found
-    write_json(run_dir / "train.json", {"checkpoint": str(latest), "epochs": payload["epoch"],
+    write_json(run_dir / "train.json", {"checkpoint": latest.uri, "epochs": payload["epoch"],
                                         "metrics": payload["history"], "provenance": payload["provenance"],
                                         "config": payload["config"]})
-    if mirror is not None:
-        push(run_dir, mirror)
     return TrainResult(run_dir, latest, int(payload["epoch"]), list(payload["history"]), resumed_from)
 
 

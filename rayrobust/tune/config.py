@@ -18,12 +18,14 @@ YAML:
         train_eps: {low: 0.5, high: 1.5}
         method: {choices: [drp, drp_at]}
       num_samples: 8
+      optuna_storage: postgresql://user:password@db-host/optuna   # optional; default <run_dir>/optuna.journal
 
 Every check names the field, the value and the fix (`ConfigError`).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -115,6 +117,42 @@ def parse_space(space: Any) -> List[ParamSpec]:
     return specs
 
 
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")  # database URLs tune.optuna_storage accepts (with +driver)
+
+
+def redact(url: str) -> str:
+    """A database URL with its password hidden (for messages and summaries)."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def check_optuna_storage(url: Any) -> None:
+    """tune.optuna_storage must be null or a database URL Optuna can keep a study in."""
+    if url is None:
+        return
+    hint = ("use sqlite:///path/study.db, postgresql://user:password@host/database or mysql://..., or leave "
+            "tune.optuna_storage unset to keep the study in <run_dir>/optuna.journal")
+    _check(isinstance(url, str) and "://" in url,
+           f"tune.optuna_storage={url!r} is not a database URL; {hint}")
+    scheme = url.split("://", 1)[0].lower()
+    _check(scheme.split("+", 1)[0] in RDB_SCHEMES,
+           f"tune.optuna_storage={redact(url)!r}: unknown database scheme {scheme + '://'!r}; {hint}")
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception as e:
+        raise ConfigError(f"tune.optuna_storage={redact(url)!r} is not a valid database URL "
+                          f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); {hint}") from None
+    if parsed.get_backend_name() == "sqlite":
+        _check(parsed.database not in (None, "", ":memory:"),
+               f"tune.optuna_storage={url!r} names no database file (an in-memory study does not survive the "
+               "driver); write sqlite:///path/study.db")
+    else:
+        _check(bool(parsed.host) and bool(parsed.database),
+               f"tune.optuna_storage={redact(url)!r} needs a host and a database, e.g. "
+               f"{scheme}://user:password@host/database")
+
+
 @dataclass
 class TuneConfig:
     space: Dict[str, Any] = field(default_factory=_default_space)  # parameter -> {low, high[, log]} or {choices}; see module doc
@@ -127,6 +165,10 @@ class TuneConfig:
     reduction_factor: int = 2  # ASHA: keep 1/reduction_factor of the trials at each rung
     final_top_k: int = 3  # Pareto-front configurations re-evaluated with full AutoAttack on the test set
     masking_gap: float = 0.2  # flag a trial whose PGD-CE accuracy exceeds its APGD accuracy by more than this
+    # Where the Optuna study lives: None = <run_dir>/optuna.journal in the run's storage (worked on by the
+    # driver, copied there after every trial); or a database URL: sqlite:///path/study.db, postgresql://...,
+    # mysql://... (any SQLAlchemy URL with a driver installed)
+    optuna_storage: Optional[str] = None
 
     def __post_init__(self) -> None:
         parse_space(self.space)
@@ -138,6 +180,7 @@ class TuneConfig:
         _check(self.reduction_factor >= 2, f"tune.reduction_factor={self.reduction_factor} must be >= 2")
         _check(self.final_top_k >= 1, f"tune.final_top_k={self.final_top_k} must be >= 1")
         _check(0 < self.masking_gap <= 1, f"tune.masking_gap={self.masking_gap} must be in (0, 1] (e.g. 0.2)")
+        check_optuna_storage(self.optuna_storage)
 
     def params(self) -> List[ParamSpec]:
         return parse_space(self.space)

@@ -1,5 +1,7 @@
 """`rayrobust report <run_dir>`: one self-contained `report.html` (inline SVG, no scripts, fonts or
 network) and `summary.json` for a search run (`rayrobust tune`) or a plain `rayrobust pipeline` run.
+The run directory may be a local path or a storage URI (s3://, gs://, file://): everything is read
+and written through `rayrobust.location`, the Optuna study from the run's journal or database.
 
 Sections: the final AutoAttack table, the clean-vs-robust Pareto front of the trials, robust
 accuracy against eps for the selected models, per-trial (or per-method) learning curves, Optuna
@@ -12,11 +14,11 @@ import html
 import io
 import json
 import re
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import ConfigError
-from ..io import atomic_path, write_json
+from ..errors import ConfigError, StorageError
+from ..io import read_json, write_json
+from ..location import Location, Where, as_location
 
 NO_SEARCH = "no search in this run"
 _CSS = """
@@ -32,18 +34,20 @@ td.l,th.l{text-align:left}.flag{color:#b00020;font-weight:bold}.ok{color:#2e7d32
 # ------------------------------------------------------------------------------------------ data
 
 
-def _read_json(path: Path) -> Optional[Any]:
+def _read_json(path: Where) -> Optional[Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except (OSError, ValueError, StorageError):  # absent, not JSON, or a path that names nothing readable
         return None
 
 
-def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    if not path.exists():
+def _read_jsonl(path: Location) -> List[Dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -180,17 +184,20 @@ def importance_plot(importances: Dict[str, Dict[str, float]]) -> str:
 # ------------------------------------------------------------------------------- importances
 
 
-def param_importances(run_dir: Path) -> Tuple[Optional[Dict[str, Dict[str, float]]], str]:
-    """Optuna's default evaluator (fANOVA) per objective on the completed trials, or (None, why not)."""
+def param_importances(run_dir: Where) -> Tuple[Optional[Dict[str, Dict[str, float]]], str]:
+    """Optuna's default evaluator (fANOVA) per objective on the completed trials, or (None, why not).
+    The study is read from the run's journal (downloaded when the run is in object storage) or from
+    the database its tune_config.json names."""
     import optuna
 
-    from .search import JOURNAL, STUDY, journal_storage
+    from .search import JOURNAL, StudyStorage
 
-    if not (run_dir / JOURNAL).exists():
+    study_store = StudyStorage.of_run(run_dir)
+    if not study_store.exists():
         return None, f"no Optuna study ({JOURNAL}) in this run"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=STUDY, storage=journal_storage(run_dir))
+        study = optuna.load_study(study_name=study_store.study_name, storage=study_store.storage())
         complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
         if len(complete) < 2:
             return None, f"needs at least 2 completed trials (has {len(complete)})"
@@ -256,7 +263,7 @@ def _no_search(section_id: str) -> str:
     return f'<p id="{section_id}" class="note">{NO_SEARCH}.</p>'
 
 
-def _tune_sections(run_dir: Path, ts: Dict[str, Any]) -> Dict[str, str]:
+def _tune_sections(run_dir: Location, ts: Dict[str, Any]) -> Dict[str, str]:
     trials, pareto, selected = ts.get("trials", []), ts.get("pareto", []), ts.get("selected", [])
     out = {}
     final = ts.get("final", [])
@@ -269,7 +276,8 @@ def _tune_sections(run_dir: Path, ts: Dict[str, Any]) -> Dict[str, str]:
                      if done else '<p id="plot-pareto" class="note">no trial reported a result.</p>')
     curves = {}
     for f in final:
-        ev = _read_json(Path(f.get("eval", ""))) or _read_json(run_dir / "trials" / f["trial_id"] / "final_eval.json")
+        ev = _read_json(run_dir / "trials" / f["trial_id"] / "final_eval.json") or (
+            _read_json(f["eval"]) if f.get("eval") else None)
         if ev:
             curves[f["trial_id"]] = _eps_curve(ev)
     out["eps"] = (_figure("plot-eps", eps_plot(curves), "selected configurations on the test set")
@@ -277,7 +285,8 @@ def _tune_sections(run_dir: Path, ts: Dict[str, Any]) -> Dict[str, str]:
     figs = []
     for t in trials:
         tdir = run_dir / "trials" / t["trial_id"]
-        graded = [g for g in (_read_json(p) for p in sorted((tdir / "val").glob("epoch_*.json"))) if g]
+        graded = [g for g in (_read_json(p) for p in (tdir / "val").iterdir()
+                              if p.name.startswith("epoch_") and p.name.endswith(".json")) if g]
         hist = _read_jsonl(tdir / "metrics.jsonl")
         series = {"clean": [(g["epoch"], g["clean_acc"]) for g in graded],
                   "APGD-CE + APGD-T": [(g["epoch"], g["robust_acc"]) for g in graded],
@@ -295,10 +304,10 @@ def _tune_sections(run_dir: Path, ts: Dict[str, Any]) -> Dict[str, str]:
     return out
 
 
-def _pipeline_sections(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, str]:
+def _pipeline_sections(run_dir: Location, summary: Dict[str, Any]) -> Dict[str, str]:
     rows, curves, figs = [], {}, []
-    methods = [r["method"] for r in summary.get("rows", [])] or sorted(
-        p.parent.name for p in run_dir.glob("*/eval.json"))
+    methods = [r["method"] for r in summary.get("rows", [])] or [
+        p.name for p in run_dir.iterdir() if p.is_dir() and (p / "eval.json").is_file()]
     pgd_label = "PGD"
     for method in methods:
         ev = _read_json(run_dir / method / "eval.json")
@@ -330,16 +339,17 @@ def _pipeline_sections(run_dir: Path, summary: Dict[str, Any]) -> Dict[str, str]
     return out
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write `<run_dir>/report.html` (and `summary.json`, adding a pointer to the report); return its path."""
-    run_dir = Path(run_dir)
+def write_report(run_dir: Where) -> Location:
+    """Write `<run_dir>/report.html` (and `summary.json`, adding a pointer to the report) to a local run
+    directory or one in object storage; return the report's Location."""
+    run_dir = as_location(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {str(run_dir)!r} does not exist; pass the run_dir of a `rayrobust tune` or "
+        raise ConfigError(f"run directory {run_dir.uri!r} does not exist; pass the run_dir of a `rayrobust tune` or "
                           "`rayrobust pipeline` run")
     ts = _read_json(run_dir / "tune_summary.json")
     summary = _read_json(run_dir / "summary.json")
     if ts is None and summary is None:
-        raise ConfigError(f"{run_dir} holds neither tune_summary.json nor summary.json: run `rayrobust tune` or "
+        raise ConfigError(f"{run_dir.uri} holds neither tune_summary.json nor summary.json: run `rayrobust tune` or "
                           "`rayrobust pipeline` there first (or finish an interrupted search with --resume)")
     kind = "search (rayrobust tune)" if ts else "pipeline (rayrobust pipeline)"
     meta = ts or summary
@@ -364,10 +374,9 @@ test images: n={_fmt(meta.get('n_eval'))} (clean, PGD), AutoAttack on n={_fmt(me
 </body></html>
 """
     out = run_dir / "report.html"
-    with atomic_path(out) as tmp:
-        tmp.write_text(body, encoding="utf-8")
+    out.write_text(body)  # atomic: a local temporary file renamed into place, or one complete object
     merged = dict(summary or {"kind": "tune", **{k: ts.get(k) for k in ("dataset", "eps", "norm", "n_eval", "n_autoattack",
                                                                          "attacks")}, "rows": ts.get("final", [])})
-    merged["report"] = str(out)
+    merged["report"] = out.uri
     write_json(run_dir / "summary.json", merged)
     return out

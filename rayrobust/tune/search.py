@@ -1,15 +1,24 @@
 """`rayrobust tune`: Optuna on Ray Tune over the knobs of the defenses, graded by a strong attack.
 
-Layout of a search run directory (`cfg.run_dir`):
+Layout of a search run directory (`cfg.run_dir`: a local path or a storage URI, s3://bucket/run, gs://...,
+file://...; every file below is written atomically through `rayrobust.location`):
 
     tune_config.json        the experiment config the search was started with (what --resume reads)
-    optuna.journal          the Optuna study (JournalStorage): `optuna-dashboard optuna.journal`
-    tune/                   the Tune experiment (experiment state, per-trial TensorBoard logs):
-                            `tensorboard --logdir <run_dir>/tune`
-    trials/<trial_id>/      one Ray Train run per trial: checkpoints/, metrics.jsonl, params.json,
+    optuna.journal          the Optuna study (JournalStorage) unless tune.optuna_storage names a database:
+                            `optuna-dashboard optuna.journal` (copy it down first from object storage)
+    tune/                   the Tune experiment (RunConfig(storage_path=<run_dir>, name="tune"): experiment
+                            state, per-trial TensorBoard logs): `tensorboard --logdir <run_dir>/tune`
+    trials/<trial_id>/      one Ray Train run per trial: checkpoints/epoch_NNN/, metrics.jsonl, params.json,
                             val/epoch_NNN.json (the per-epoch grading), final_eval.json (if selected)
     tune_summary.json       every trial, the Pareto front, the final AutoAttack table
     summary.json            the same rows in the `rayrobust pipeline` summary format
+
+No stage needs a shared filesystem: the Tune experiment lives in the run's storage (`Tuner.restore(<run_dir>/tune)`
+resumes it from any node), the driver works on the Optuna journal in a local file (a temporary copy when
+the run is remote) and copies it to `<run_dir>/optuna.journal` after every trial and with every Tune
+experiment checkpoint (`StudyStorage`, `StudySync`), and `--resume` downloads it from there. With
+`tune.optuna_storage: postgresql://...` (or sqlite:///..., mysql://...) the study lives in that database
+instead, named `rayrobust:<run_dir>`.
 
 Design (our choices, stated):
 - A trial is a function trainable holding no CPU (`tune.with_resources(..., {"CPU": 0, "memory": 1})`): it
@@ -34,18 +43,25 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import tempfile
 import threading
 import time
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional
 
 import torch
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from ..checkpoint import CHECKPOINT_FILE
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import ConfigError, RayRobustError
-from ..io import provenance, write_json
+from ..io import provenance, read_json, write_json
+from ..layout import CHECKPOINTS
+from ..location import Location, Where, as_location, check_writable
+from .config import redact
 
 EXPERIMENT = "tune"
 STUDY = "rayrobust"
@@ -144,12 +160,12 @@ def grade(decision: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
             "checks": [f.to_dict() for f in flags], "seconds": time.perf_counter() - t0}
 
 
-def _decision_from_checkpoint(path: Path):
+def _decision_from_checkpoint(checkpoint: Where):
     from ..checkpoint import load_checkpoint, model_from_checkpoint
     from ..methods import create_method, method_kwargs
 
-    payload = load_checkpoint(path)
-    model = model_from_checkpoint(path)
+    payload = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint)
     kwargs = method_kwargs(payload["config"]["train"])
     kwargs["num_classes"] = payload.get("model_meta", {}).get("num_labels") or kwargs.get("num_classes", 10)
     method = create_method(payload["config"]["train"]["method"], **kwargs)
@@ -168,26 +184,46 @@ def validation_subset(cfg: ExperimentConfig):
     return split.x_val[:cfg.tune.val_n].contiguous(), split.y_val[:cfg.tune.val_n].contiguous()
 
 
-def grade_checkpoint(cfg: ExperimentConfig, path: Path, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Any]:
-    """Grade one epoch checkpoint (cached next to the trial as val/epoch_NNN.json, keyed by its sha256)."""
-    from ..io import sha256_file
+def _checkpoint_dir(checkpoint: Where) -> Location:
+    """The epoch directory of a checkpoint given as `.../epoch_003`, `.../epoch_003/checkpoint.pt` or `.../epoch_003.pt`."""
+    loc = as_location(checkpoint)
+    return loc.parent if loc.name == CHECKPOINT_FILE else loc
 
-    cache = path.parent.parent / "val" / (path.stem + ".json")
-    digest = sha256_file(path)
-    if cache.exists():
-        try:
-            old = json.loads(cache.read_text())
-            if old.get("checkpoint_sha256") == digest:
-                return old
-        except (json.JSONDecodeError, OSError):
-            pass
-    decision, payload = _decision_from_checkpoint(path)
+
+def grade_checkpoint(cfg: ExperimentConfig, checkpoint: Where, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Any]:
+    """Grade one epoch checkpoint (cached in the trial's val/epoch_NNN.json, keyed by the checkpoint's sha256)."""
+    from ..checkpoint import checkpoint_epoch, checkpoint_name, checkpoint_sha256
+
+    ckpt = _checkpoint_dir(checkpoint)
+    cache = ckpt.parent.parent / "val" / f"{checkpoint_name(checkpoint_epoch(ckpt))}.json"
+    digest = checkpoint_sha256(ckpt)
+    try:
+        old = read_json(cache)
+        if isinstance(old, dict) and old.get("checkpoint_sha256") == digest:
+            return old
+    except (FileNotFoundError, ValueError):
+        pass
+    decision, payload = _decision_from_checkpoint(ckpt)
     res = grade(decision, x, y, eps=cfg.eval.eps, norm=cfg.eval.norm, seed=cfg.eval.seed, masking_gap=cfg.tune.masking_gap)
     hist = payload.get("history") or [{}]
-    res.update({"epoch": int(payload["epoch"]), "checkpoint": str(path), "checkpoint_sha256": digest,
+    res.update({"epoch": int(payload["epoch"]), "checkpoint": ckpt.uri, "checkpoint_sha256": digest,
                 "train_loss": hist[-1].get("loss")})
     write_json(cache, res)
     return res
+
+
+def _checkpoint_complete(ckpt: Location) -> bool:
+    """Whether an epoch checkpoint is fully persisted: payload and sidecar present and matching (Ray Train
+    uploads the files of a checkpoint directory one by one)."""
+    from ..checkpoint import payload_file
+    from ..io import sha256_file
+
+    payload = payload_file(ckpt)
+    try:
+        expected = payload.with_name(payload.name + ".sha256").read_text().strip()
+        return bool(expected) and payload.exists() and sha256_file(payload) == expected
+    except (FileNotFoundError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------- trial
@@ -204,7 +240,7 @@ def _trial(config: Dict[str, Any], base: Optional[Dict[str, Any]] = None, run_di
     trial_id = tune.get_context().get_trial_id()
     params = {k: v for k, v in config.items()}
     cfg = apply_params(base, params)
-    tdir = Path(run_dir) / "trials" / trial_id
+    tdir = Location(run_dir) / "trials" / trial_id
     write_json(tdir / "params.json", {"trial_id": trial_id, "params": params, "config": cfg.to_dict()})
     x, y = validation_subset(cfg)
     box: Dict[str, Any] = {}
@@ -217,13 +253,14 @@ def _trial(config: Dict[str, Any], base: Optional[Dict[str, Any]] = None, run_di
 
     worker = threading.Thread(target=work, name=f"fit-{trial_id}", daemon=True)
     worker.start()
+    poll = 0.5 if tdir.is_local else 1.0
     for epoch in range(1, cfg.train.epochs + 1):
-        path = tdir / "checkpoints" / checkpoint_name(epoch)
-        while not path.exists():
-            if not worker.is_alive() and not path.exists():
-                raise box.get("error") or RayRobustError(f"training of trial {trial_id} ended without {path.name}")
-            time.sleep(0.5)
-        res = grade_checkpoint(cfg, path, x, y)
+        ckpt = tdir / CHECKPOINTS / checkpoint_name(epoch)
+        while not _checkpoint_complete(ckpt):
+            if not worker.is_alive() and not _checkpoint_complete(ckpt):
+                raise box.get("error") or RayRobustError(f"training of trial {trial_id} ended without {ckpt.uri}")
+            time.sleep(poll)
+        res = grade_checkpoint(cfg, ckpt, x, y)
         tune.report({"epoch": epoch, "epochs_planned": cfg.train.epochs, "clean_acc": res["clean_acc"],
                      "robust_acc": res["robust_acc"], "pgd_ce_acc": res["pgd_ce_acc"],
                      "robust_objective": res["robust_objective"], "flagged": int(res["flagged"]),
@@ -234,39 +271,237 @@ def _trial(config: Dict[str, Any], base: Optional[Dict[str, Any]] = None, run_di
         raise box["error"]
 
 
+# ---------------------------------------------------------------------------------------- study
+
+
+class StudyStorage:
+    """Where a search's Optuna study lives: a database (`tune.optuna_storage`) or `<run_dir>/optuna.journal`.
+
+    The journal (Optuna JournalStorage) is worked on in a local file by the driver: the run's own file
+    when the run is on this disk; for a run in object storage, a file in a temporary directory,
+    downloaded from `<run_dir>/optuna.journal` on first use in a process and copied back there by
+    `push` (after every trial, and with every Tune experiment checkpoint). It pickles as the run's URI
+    and the URL, so a searcher restored by `Tuner.restore` reconnects in the process that restores it.
+    """
+
+    _working: Dict[str, Path] = {}  # run URI -> this process's local copy of the journal
+    _pushed: Dict[str, int] = {}  # run URI -> size of the journal last copied to the run's storage
+    _lock = threading.Lock()
+
+    def __init__(self, run: Where, url: Optional[str] = None):
+        self.run_uri = as_location(run).uri
+        self.url = url
+
+    @classmethod
+    def of_run(cls, run: Where) -> "StudyStorage":
+        """The study of an existing search run (its tune_config.json names a database, if any)."""
+        run = as_location(run)
+        try:
+            url = ((read_json(run / "tune_config.json") or {}).get("tune") or {}).get("optuna_storage")
+        except (FileNotFoundError, ValueError):
+            url = None
+        return cls(run, url)
+
+    @property
+    def run(self) -> Location:
+        return Location(self.run_uri)
+
+    @property
+    def study_name(self) -> str:
+        # A database may hold the studies of many runs: each run's study is named after the run.
+        return f"{STUDY}:{self.run_uri}" if self.url else STUDY
+
+    def describe(self) -> str:
+        """Where the study is, for messages and summaries (a database password hidden)."""
+        return redact(self.url) if self.url else (self.run / JOURNAL).uri
+
+    def exists(self) -> bool:
+        if self.url:
+            return True
+        if self.run.is_local or self.run_uri in self._working:
+            return self.local_journal().exists()
+        return (self.run / JOURNAL).exists()
+
+    def local_journal(self) -> Path:
+        """The journal file the driver works on (downloaded from the run's storage on first use)."""
+        run = self.run
+        if run.is_local:
+            return run.local_path() / JOURNAL
+        with self._lock:
+            path = self._working.get(self.run_uri)
+            if path is None:
+                path = Path(tempfile.mkdtemp(prefix="rayrobust-study-")) / JOURNAL
+                try:
+                    data = (run / JOURNAL).read_bytes()
+                except FileNotFoundError:
+                    data = None
+                if data is not None:
+                    path.write_bytes(data)
+                    self._pushed[self.run_uri] = len(data)
+                self._working[self.run_uri] = path
+            return path
+
+    def storage(self):
+        """An Optuna storage of the study (a ConfigError when the database cannot be opened)."""
+        import optuna
+
+        if self.url:
+            try:
+                return optuna.storages.RDBStorage(self.url)
+            except Exception as e:  # missing driver, unreachable host, bad credentials
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"cannot open tune.optuna_storage={self.describe()!r}: {redact(first)}") from None
+        from optuna.storages.journal import JournalFileBackend
+
+        path = self.local_journal()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+    def push(self, *, strict: bool = True) -> None:
+        """Copy the local journal to `<run_dir>/optuna.journal` when it changed since the last copy.
+        strict=False: a failed copy is a warning (the next trial's copy retries)."""
+        if self.url or self.run.is_local:
+            return
+        path = self.local_journal()
+        with self._lock:
+            if not path.exists():
+                return
+            size = path.stat().st_size
+            if self._pushed.get(self.run_uri) == size:
+                return
+            try:
+                (self.run / JOURNAL).upload(path)
+            except RayRobustError as e:
+                if strict:
+                    raise
+                print(f"warning: {e}; retrying after the next trial", flush=True)
+                return
+            self._pushed[self.run_uri] = size
+
+
+def journal_storage(run_dir: Where):
+    """The Optuna storage of the study of the search in `run_dir`."""
+    return StudyStorage.of_run(run_dir).storage()
+
+
+class StudySync(Callback):
+    """Tune callback on the driver: copies the Optuna journal to the run's storage as trials start and end."""
+
+    def __init__(self, study: StudyStorage):
+        self.study = study
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.study.push(strict=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):  # after the searcher told Optuna
+        self.study.push(strict=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.study.push(strict=False)
+
+    def on_experiment_end(self, trials, **info):
+        self.study.push(strict=False)
+
+
 class RecordingOptunaSearch(OptunaSearch):
-    """OptunaSearch that also stores each trial's raw numbers and flags as Optuna user attributes."""
+    """OptunaSearch that stores each trial's raw numbers and flags as Optuna user attributes, and whose
+    saved state names its study by run (not by a file on the driver that saved it): restored in
+    another process, on another node, it reconnects to the study there."""
+
+    def __init__(self, study: StudyStorage, **kwargs):
+        self._study_store = study
+        super().__init__(study_name=study.study_name, storage=study.storage(), **kwargs)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        study = state.pop("_ot_study", None)
+        state["_storage"] = None
+        state["_ot_sampler"] = study.sampler if study is not None else None  # the sampler's RNG continues
+        state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        import optuna
+
+        if "_ot_sampler" not in state:  # the state of a plain OptunaSearch
+            self.__dict__.update(state)
+            self.__dict__.setdefault("_study_store", None)
+            return
+        state = dict(state)
+        trial_ids, sampler = state.pop("_ot_trials"), state.pop("_ot_sampler")
+        self.__dict__.update(state)
+        self._storage = self._study_store.storage()
+        self._setup_study(self._mode)  # loads the existing study
+        if sampler is not None:
+            self._ot_study.sampler = sampler
+        self._ot_trials = {}
+        for tid, number in trial_ids.items():
+            try:
+                self._ot_trials[tid] = optuna.Trial(self._ot_study, number)
+            except Exception:  # asked after the journal's last copy: recorded afresh when the trial completes
+                pass
+
+    def save(self, checkpoint_path: str):
+        if self._study_store is not None:  # the stored journal is never older than the searcher state
+            self._study_store.push(strict=False)
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        if isinstance(state, dict):
+            self.__setstate__(state)
+        else:
+            super().restore(checkpoint_path)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id in self._completed_trials:
+            return
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id not in self._completed_trials:
-            try:
-                ot_trial.set_user_attr("tune_trial_id", trial_id)
-                for key in USER_ATTRS:
-                    if result and key in result:
-                        ot_trial.set_user_attr(key, result[key])
-            except Exception:  # the trial was already finished in the storage (a resumed search)
-                pass
+        if ot_trial is None:
+            self._record_unknown(trial_id, result)
+            self._completed_trials.add(trial_id)
+            return
+        try:
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            for key in USER_ATTRS:
+                if result and key in result:
+                    ot_trial.set_user_attr(key, result[key])
+        except Exception:  # the trial was already finished in the storage (a resumed search)
+            pass
         super().on_trial_complete(trial_id, result=result, error=error)
 
+    def _record_unknown(self, trial_id: str, result: Optional[Dict[str, Any]]) -> None:
+        """A trial the study does not know (asked after the last copy of the journal a resumed search
+        started from): added as a finished trial with its parameters and values."""
+        import optuna
 
-def journal_storage(run_dir: Path):
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
+        result = result or {}
+        params = {k: v for k, v in (result.get("config") or {}).items() if k in self._space}
+        if set(params) != set(self._space):
+            return
+        values = [result.get(m) for m in OBJECTIVES]
+        done = all(v is not None for v in values)
+        attrs = {"tune_trial_id": trial_id, **{k: result[k] for k in USER_ATTRS if k in result}}
+        try:
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=self._space, values=values if done else None, user_attrs=attrs,
+                state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL))
+        except Exception as e:
+            print(f"warning: trial {trial_id} could not be recorded in the Optuna study: {e}", flush=True)
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(Path(run_dir).resolve() / JOURNAL)))
 
-
-def _trainable(cfg: ExperimentConfig, run_dir: Path):
+def _trainable(cfg: ExperimentConfig, run: Location):
     from ray import tune
 
-    fn = tune.with_parameters(_trial, base=cfg.to_dict(), run_dir=str(run_dir))
+    fn = tune.with_parameters(_trial, base=cfg.to_dict(), run_dir=run.uri)
     # The trial itself holds no CPU or GPU (its TorchTrainer workers do); Tune refuses an empty
     # request, so the trial asks for one byte of memory instead.
     return tune.with_resources(fn, {"CPU": 0, "memory": 1})
 
 
-def _tuner(cfg: ExperimentConfig, run_dir: Path):
+def _tuner(cfg: ExperimentConfig, run: Location, study_store: StudyStorage):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -274,13 +509,13 @@ def _tuner(cfg: ExperimentConfig, run_dir: Path):
     space = {p.name: p.distribution() for p in tc.params()}
     import optuna
 
-    study = optuna.create_study(study_name=STUDY, storage=journal_storage(run_dir), directions=["maximize", "maximize"],
-                                load_if_exists=True)
+    study = optuna.create_study(study_name=study_store.study_name, storage=study_store.storage(),
+                                directions=["maximize", "maximize"], load_if_exists=True)
     with warnings.catch_warnings():  # set_metric_names is marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(OBJECTIVES)  # objective names shown by optuna-dashboard
-    searcher = RecordingOptunaSearch(space=space, metric=OBJECTIVES, mode=["max", "max"], seed=tc.seed,
-                                     study_name=STUDY, storage=journal_storage(run_dir))
+    study_store.push()
+    searcher = RecordingOptunaSearch(study_store, space=space, metric=OBJECTIVES, mode=["max", "max"], seed=tc.seed)
     if tc.asha:
         scheduler = ASHAScheduler(metric=ASHA_METRIC, mode="max", time_attr="training_iteration",
                                   max_t=cfg.train.epochs, grace_period=min(tc.grace_period, cfg.train.epochs),
@@ -288,10 +523,10 @@ def _tuner(cfg: ExperimentConfig, run_dir: Path):
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
-        _trainable(cfg, run_dir),
+        _trainable(cfg, run),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=tc.num_samples,
                                     max_concurrent_trials=max_concurrent(cfg)),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), verbose=1,
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=run.uri, verbose=1, callbacks=[StudySync(study_store)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
@@ -305,45 +540,56 @@ def _prepare_ray(cfg: ExperimentConfig) -> None:
 
 
 def run_tune(cfg: ExperimentConfig) -> Dict[str, Any]:
-    """Run the search of `cfg.tune` in `cfg.run_dir`, then re-evaluate the selected trials."""
+    """Run the search of `cfg.tune` in `cfg.run_dir` (a local path or a storage URI), then re-evaluate the
+    selected trials. Every input is checked before anything is written."""
     from ray import tune
 
     check_search(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
-    if (run_dir / EXPERIMENT).exists() and tune.Tuner.can_restore(str(run_dir / EXPERIMENT)):
-        raise ConfigError(f"{run_dir} already holds a search; continue it with `rayrobust tune --resume {run_dir}` "
+    run = cfg.run_location()
+    check_writable(run)  # a wrong bucket, endpoint or credential fails here
+    exp = run / EXPERIMENT
+    if tune.Tuner.can_restore(exp.uri):
+        raise ConfigError(f"{run.uri} already holds a search; continue it with `rayrobust tune --resume {run.uri}` "
                           "or choose another run_dir (--set run_dir=...)")
     from ..train.ray_train import _preflight_data
 
     _preflight_data(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "tune_config.json", cfg.to_dict())
+    study_store = StudyStorage(run, cfg.tune.optuna_storage)
+    study_store.storage()  # an unreachable database fails here
+    write_json(run / "tune_config.json", cfg.to_dict())
     _prepare_ray(cfg)
     print(f"== search: {cfg.tune.num_samples} trial(s), {max_concurrent(cfg)} at a time; "
-          f"Optuna study in {run_dir / JOURNAL}; Tune experiment in {run_dir / EXPERIMENT}", flush=True)
-    grid = _tuner(cfg, run_dir).fit()
-    return finish(cfg, run_dir, grid)
+          f"Optuna study in {study_store.describe()}; Tune experiment in {exp.uri}", flush=True)
+    grid = _tuner(cfg, run, study_store).fit()
+    return finish(cfg, run, grid, study_store)
 
 
-def resume_tune(run_dir: str | Path) -> Dict[str, Any]:
-    """Continue an interrupted search: finished trials are kept, unfinished ones continue."""
+def resume_tune(run_dir: Where) -> Dict[str, Any]:
+    """Continue an interrupted search (local path or storage URI): finished trials are kept, unfinished
+    ones continue; a finished search is summarised again without running any trial."""
     from ray import tune
 
-    run_dir = Path(run_dir).resolve()
-    saved = run_dir / "tune_config.json"
-    if not saved.exists():
-        raise ConfigError(f"{run_dir} holds no search (no tune_config.json); start one with `rayrobust tune --config ...`")
-    cfg = config_from_dict(json.loads(saved.read_text()))
-    exp = run_dir / EXPERIMENT
-    if not tune.Tuner.can_restore(str(exp)):
-        raise ConfigError(f"{exp} has no Tune experiment state to resume (the search was killed before its first "
-                          f"checkpoint); delete {run_dir} and start again")
+    run = as_location(run_dir)
+    try:
+        raw = read_json(run / "tune_config.json")
+    except FileNotFoundError:
+        raise ConfigError(f"{run.uri} holds no search (no tune_config.json); start one with "
+                          "`rayrobust tune --config ...`") from None
+    except ValueError:
+        raise ConfigError(f"{(run / 'tune_config.json').uri} is not valid JSON; the search cannot be resumed") from None
+    cfg = config_from_dict(raw)
+    exp = run / EXPERIMENT
+    if not tune.Tuner.can_restore(exp.uri):
+        raise ConfigError(f"{exp.uri} has no Tune experiment state to resume (the search was killed before its first "
+                          f"checkpoint); delete {run.uri} and start again")
+    study_store = StudyStorage(run, cfg.tune.optuna_storage)
+    study_store.storage()  # the journal is downloaded from the run's storage here
     _prepare_ray(cfg)
-    print(f"== resuming the search in {exp}", flush=True)
-    tuner = tune.Tuner.restore(str(exp), trainable=_trainable(cfg, run_dir), resume_unfinished=True,
+    print(f"== resuming the search in {exp.uri} (Optuna study in {study_store.describe()})", flush=True)
+    tuner = tune.Tuner.restore(exp.uri, trainable=_trainable(cfg, run), resume_unfinished=True,
                                resume_errored=True, restart_errored=False)
     grid = tuner.fit()
-    return finish(cfg, run_dir, grid)
+    return finish(cfg, run, grid, study_store)
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -367,13 +613,15 @@ def select(rows: List[Dict[str, Any]], top_k: int) -> List[Dict[str, Any]]:
     return pareto_front(full or ok)[:top_k]
 
 
-def _trial_rows(run_dir: Path, grid) -> List[Dict[str, Any]]:
+def _trial_rows(run: Location, grid) -> List[Dict[str, Any]]:
     rows = []
     for result in grid:
         m = result.metrics or {}
-        trial_id = m.get("trial_id") or Path(result.path).name
-        params_file = run_dir / "trials" / trial_id / "params.json"
-        params = json.loads(params_file.read_text())["params"] if params_file.exists() else dict(result.config or {})
+        trial_id = m.get("trial_id") or PurePosixPath(str(result.path)).name
+        try:
+            params = read_json(run / "trials" / trial_id / "params.json")["params"]
+        except (FileNotFoundError, ValueError, KeyError):
+            params = dict(result.config or {})
         rows.append({
             "trial_id": trial_id, "params": params, "method": m.get("method"),
             "status": "ERROR" if result.error else "TERMINATED",
@@ -386,12 +634,12 @@ def _trial_rows(run_dir: Path, grid) -> List[Dict[str, Any]]:
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
-def _close_orphans(run_dir: Path) -> int:
+def _close_orphans(study_store: StudyStorage) -> int:
     """Optuna trials left RUNNING by a killed driver (never told): mark them FAIL, labelled."""
     import optuna
 
-    storage = journal_storage(run_dir)
-    study = optuna.load_study(study_name=STUDY, storage=storage)
+    storage = study_store.storage()
+    study = optuna.load_study(study_name=study_store.study_name, storage=storage)
     n = 0
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         storage.set_trial_user_attr(t._trial_id, "orphaned", "asked by a search driver that was killed; its Tune trial was not kept")
@@ -400,25 +648,49 @@ def _close_orphans(run_dir: Path) -> int:
     return n
 
 
-def finish(cfg: ExperimentConfig, run_dir: Path, grid) -> Dict[str, Any]:
-    """Select the Pareto front, re-evaluate it with full AutoAttack, write tune_summary.json and summary.json."""
+def _final_eval(tcfg: ExperimentConfig, ckpt: Location, out: Location, label: str) -> Dict[str, Any]:
+    """Full AutoAttack of a selected trial; an earlier evaluation of the same checkpoint with the same
+    eval settings (a resumed or re-summarised search) is reused."""
+    from ..checkpoint import checkpoint_sha256
     from ..evaluation import evaluate_checkpoint
+
+    try:
+        old = read_json(out)
+        prov = old.get("provenance") or {}
+        if (prov.get("checkpoint_sha256") == checkpoint_sha256(ckpt)
+                and (prov.get("config") or {}).get("eval") == tcfg.to_dict()["eval"]):
+            print(f"   reusing {out.uri} (same checkpoint, same eval settings)", flush=True)
+            return old
+    except (FileNotFoundError, ValueError, AttributeError):
+        pass
+    return evaluate_checkpoint(tcfg, ckpt, out, label=label)
+
+
+def finish(cfg: ExperimentConfig, run: Location, grid, study_store: Optional[StudyStorage] = None) -> Dict[str, Any]:
+    """Select the Pareto front, re-evaluate it with full AutoAttack, write tune_summary.json and summary.json."""
     from ..checkpoint import latest_valid_checkpoint
     from ..pipeline import format_table, summary_row
 
-    rows = _trial_rows(run_dir, grid)
-    orphans = _close_orphans(run_dir)
+    run = as_location(run)
+    study_store = study_store or StudyStorage(run, cfg.tune.optuna_storage)
+    rows = _trial_rows(run, grid)
+    orphans = _close_orphans(study_store)
+    study_store.push()
     chosen = select(rows, cfg.tune.final_top_k)
     final = []
     for r in chosen:
-        tdir = run_dir / "trials" / r["trial_id"]
-        ckpt = latest_valid_checkpoint(tdir / "checkpoints")
-        tcfg = config_from_dict(json.loads((tdir / "params.json").read_text())["config"])
+        tdir = run / "trials" / r["trial_id"]
+        ckpt = latest_valid_checkpoint(tdir / CHECKPOINTS)
+        if ckpt is None:
+            print(f"warning: trial {r['trial_id']} has no valid checkpoint in {(tdir / CHECKPOINTS).uri}; "
+                  "not re-evaluated", flush=True)
+            continue
+        tcfg = config_from_dict(read_json(tdir / "params.json")["config"])
         print(f"== final AutoAttack: trial {r['trial_id']} ({r['method']}, {r['params']})", flush=True)
-        res = evaluate_checkpoint(tcfg, ckpt, tdir / "final_eval.json", label=r["trial_id"])
+        res = _final_eval(tcfg, ckpt, tdir / "final_eval.json", r["trial_id"])
         final.append({"trial_id": r["trial_id"], "params": r["params"], **summary_row(res),
                       "autoattack_per_attack": (res.get("autoattack") or {}).get("per_attack"),
-                      "eval": str(tdir / "final_eval.json")})
+                      "eval": (tdir / "final_eval.json").uri})
     ec = cfg.eval
     attacks = {"grading": GRADING, "pgd_ce": f"PGD-{PGD_CE_STEPS} on cross-entropy (contrast only, never the objective)",
                "pgd": f"PGD-{ec.pgd_steps}, {ec.pgd_restarts} restart(s) (weaker than AutoAttack)",
@@ -427,24 +699,25 @@ def finish(cfg: ExperimentConfig, run_dir: Path, grid) -> Dict[str, Any]:
         "kind": "tune", "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval,
         "n_autoattack": ec.n_autoattack, "pgd_steps": ec.pgd_steps, "val_n": cfg.tune.val_n, "num_samples": cfg.tune.num_samples,
         "space": cfg.tune.space, "objectives": OBJECTIVES, "asha_metric": ASHA_METRIC if cfg.tune.asha else None,
-        "storage": str(run_dir / JOURNAL), "study_name": STUDY, "experiment_dir": str(run_dir / EXPERIMENT),
+        "storage": study_store.describe(), "study_name": study_store.study_name,
+        "experiment_dir": (run / EXPERIMENT).uri,
         "attacks": attacks, "trials": rows, "pareto": [r["trial_id"] for r in pareto_front(
             [r for r in rows if not r["flagged"] and r["clean_acc"] is not None])],
         "selected": [r["trial_id"] for r in chosen], "final": final, "orphaned_optuna_trials": orphans,
         "provenance": provenance(config=cfg.to_dict(), seed=cfg.tune.seed),
     }
-    write_json(run_dir / "tune_summary.json", summary)
-    write_json(run_dir / "summary.json", {
+    write_json(run / "tune_summary.json", summary)
+    write_json(run / "summary.json", {
         "kind": "tune", "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval,
         "n_autoattack": ec.n_autoattack, "attacks": attacks,
         "rows": [{k: f[k] for k in ("trial_id", "method", "clean_acc", "pgd_acc", "autoattack_acc", "flags")} for f in final],
-        "tune_summary": str(run_dir / "tune_summary.json"), "provenance": summary["provenance"]})
+        "tune_summary": (run / "tune_summary.json").uri, "provenance": summary["provenance"]})
     _print_trials(rows)
     if final:
         print(format_table(final, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
     else:
         print("no unflagged trial finished: nothing re-evaluated", flush=True)
-    print(f"summary: {run_dir / 'tune_summary.json'}", flush=True)
+    print(f"summary: {(run / 'tune_summary.json').uri}", flush=True)
     return summary
 
 

@@ -1,0 +1,70 @@
+"""The images of the semantic stages, named rather than held: every Ray worker loads its own copy.
+
+The driver hands workers an `ImageSource` (dataset name, root, limit), never the images; the extract
+stage's actors and the dictionary actors each load the split themselves (once per process) and
+take the rows they are given by index. `describe` runs on a Ray worker too, so the driver learns the
+size and content hash of the data without loading it.
+
+Example:
+    >>> src = ImageSource("fashion_mnist", limit=10000)
+    >>> info = describe(src)          # {"n": 10000, "data_sha256": ..., "shape": [1, 28, 28], ...}
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
+
+from ..data import ArrayDataset
+
+_CACHE: Dict["ImageSource", ArrayDataset] = {}  # per worker process: each split is loaded once
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A split of a registered dataset: `name`'s `split`, its first `limit` images (None: all)."""
+
+    name: str
+    split: str = "train"
+    root: Optional[str] = None
+    download: bool = False
+    limit: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, data_cfg: Any, semantic_cfg: Any) -> "ImageSource":
+        """The training images of the semantic stages: the first data.train_limit images, then the first
+        semantic.extract_limit of those."""
+        limits = [v for v in (getattr(data_cfg, "train_limit", None), getattr(semantic_cfg, "extract_limit", None)) if v]
+        return cls(data_cfg.name, "train", getattr(data_cfg, "root", None), bool(getattr(data_cfg, "download", False)),
+                   min(limits) if limits else None)
+
+    def load(self) -> ArrayDataset:
+        """The split, loaded in this process on first use."""
+        ds = _CACHE.get(self)
+        if ds is None:
+            from ..data import load_dataset
+
+            ds = load_dataset(self.name, self.split, root=self.root, download=self.download, limit=self.limit)
+            _CACHE[self] = ds
+        return ds
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _describe_here(source: ImageSource) -> Dict[str, Any]:
+    from .artifacts import dataset_sha256
+
+    ds = source.load()
+    return {"n": len(ds), "data_sha256": dataset_sha256(ds.x, ds.y), "shape": list(ds.shape),
+            "num_classes": ds.num_classes, "name": ds.name}
+
+
+def describe(source: ImageSource) -> Dict[str, Any]:
+    """{n, data_sha256, shape, num_classes, name} of the source, computed on a Ray worker (the driver
+    never loads the images); a missing dataset raises its DataError here."""
+    import ray
+
+    from ..raycluster import ensure_ray
+
+    ensure_ray()
+    return ray.get(ray.remote(num_cpus=1, max_retries=0)(_describe_here).remote(source))
