@@ -43,9 +43,10 @@ def checkpoint_epoch(where: Where) -> int:
 
 
 def payload_file(where: Where) -> Location:
-    """The payload file of a checkpoint: the path itself when it names a .pt file, else <dir>/checkpoint.pt."""
+    """The payload file of a checkpoint: the path itself when it names a .pt file or any other file,
+    else <dir>/checkpoint.pt (a Ray Train checkpoint directory)."""
     loc = as_location(where)
-    return loc if loc.suffix == ".pt" else loc / CHECKPOINT_FILE
+    return loc if loc.suffix == ".pt" or loc.is_file() else loc / CHECKPOINT_FILE
 
 
 def _encode(payload: Dict[str, Any]) -> bytes:
