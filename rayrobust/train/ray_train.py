@@ -98,7 +98,8 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     from ..data import load_dataset
     from ..methods import create_method, method_kwargs
     from ..models import create_model
-    from .loop import make_optimizer, train_epoch, train_val_split, validate
+    from .loop import Split, make_optimizer, stream_batches, train_epoch, train_epoch_stream, train_val_split, validate
+    from .stream import check_streamable, load_validation
 
     cfg = config_from_dict(loop_config["config"])
     run_dir = Location(loop_config["run_dir"])
@@ -110,10 +111,21 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     nodes = _worker_nodes(world, device)  # node id of every rank, for provenance
     log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
 
-    ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=cfg.data.train_limit)
-    data = train_val_split(ds.x, ds.y, cfg.data.val_size, seed=tc.seed)
+    plan = loop_config.get("stream")  # streamed (rayrobust.train.stream): images come from the "train" dataset shard
+    if plan is None:
+        ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=cfg.data.train_limit)
+        data = train_val_split(ds.x, ds.y, cfg.data.val_size, seed=tc.seed)
+    else:
+        from types import SimpleNamespace
+
+        ds = SimpleNamespace(shape=tuple(plan["shape"]), num_classes=plan["num_classes"], mean=tuple(plan["mean"]),
+                             std=tuple(plan["std"]))
+        x_val, y_val = load_validation(plan) if rank == 0 else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+        data = Split(None, None, x_val, y_val)
     # Every TrainConfig field reaches the method; it uses what it needs. No global RNG is drawn here.
     method = create_method(tc.method, num_classes=ds.num_classes, **method_kwargs(tc))
+    if plan is not None:
+        check_streamable(method, tc.method)
     out_dim = method.output_dim(ds.num_classes)  # DRP: the prototype dimension
     method.fit(data.x_train, data.y_train)  # data-level preparation (SPAT's weight map), deterministic
     init = loop_config.get("init")  # prepared on the driver by the method's `prepare_run` (srd), or None
@@ -151,11 +163,20 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             method.begin_epoch(bare, data.x_train, data.y_train, epoch, device)
         torch.manual_seed(tc.seed * 1_000 + epoch * 10 + rank)  # attack random starts replay on resume
         t0 = time.perf_counter()
-        stats = train_epoch(
-            model, method, optimizer, data, epoch=epoch, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-            seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
-            channels_last=tc.channels_last, log=log,
-        )
+        if plan is None:
+            stats = train_epoch(
+                model, method, optimizer, data, epoch=epoch, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
+                channels_last=tc.channels_last, log=log,
+            )
+        else:
+            batches = stream_batches(ray.train.get_dataset_shard("train"), tc.batch_size, epoch=epoch, seed=tc.seed,
+                                     world=world)
+            stats = train_epoch_stream(
+                model, method, optimizer, batches, epoch=epoch, epochs=tc.epochs, steps=plan["steps"],
+                batch_size=tc.batch_size, lr=tc.lr, scale=plan["scale"], device=device, amp_dtype=amp_dtype,
+                channels_last=tc.channels_last, log=log,
+            )
         # Prepare the next epoch from these weights (those it starts from) before validation and the
         # checkpoint, so the checkpoint's method_state (ClusTR's clusters) matches its weights.
         method.begin_epoch(bare, data.x_train, data.y_train, epoch + 1, device)
@@ -239,12 +260,20 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
         # A method's driver-side preparation (srd: semantic artifacts + source weights) fails here, before
         # Ray starts, with its own one-line error; a resumed run takes that state from its checkpoint.
         init = _method_init(cfg) if payload is None else None
-        _preflight_data(cfg)
+        if not cfg.data.streamed:
+            _preflight_data(cfg)
         ensure_ray(cfg.ray_address)
         use_gpu = _use_gpu(cfg)
+        plan, datasets, dataset_config = None, None, None
+        if cfg.data.streamed:  # the workers read the images (Ray Data); the driver reads only metadata
+            from .stream import stream_plan, trainer_datasets
+
+            plan = stream_plan(cfg)
+            datasets, dataset_config = trainer_datasets(cfg, plan)
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init, "stream": plan},
+            datasets=datasets, dataset_config=dataset_config,
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
             # Ray Train persists every reported checkpoint to <run_dir>/checkpoints/epoch_XXX/ and restores
