@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from rayrobust.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
+from rayrobust.checkpoint import checkpoint_name, checkpoint_sha256, list_checkpoints, load_checkpoint
 from rayrobust.evaluation.sharded import sharded_autoattack
 from rayrobust.io import sha256_file
 from rayrobust.train import fit
@@ -76,7 +76,7 @@ def test_killed_training_worker_resumes_from_last_checkpoint_and_matches_uninter
 
     def snapshot():
         return {"checkpoints": [p.name for p in list_checkpoints(ckpts)],
-                "epoch1_sha": sha256_file(ckpts / checkpoint_name(1))}
+                "epoch1_sha": checkpoint_sha256(ckpts / checkpoint_name(1))}
 
     killer = Killer(rank1_in_epoch2, snapshot)
     killer.start()
@@ -91,8 +91,9 @@ def test_killed_training_worker_resumes_from_last_checkpoint_and_matches_uninter
         assert rec["start_epoch"] == 1 and rec["epoch"] == 3 and rec["pid"] != killer.killed
     # No checkpoint lost or corrupted; epoch 1's file is the one written before the kill.
     assert [p.name for p in list_checkpoints(ckpts)] == [checkpoint_name(e) for e in (1, 2, 3)]
-    assert sha256_file(ckpts / checkpoint_name(1)) == killer.seen["epoch1_sha"]
-    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert checkpoint_sha256(ckpts / checkpoint_name(1)) == killer.seen["epoch1_sha"]
+    assert sha256_file(ckpts / checkpoint_name(1) / "checkpoint.pt") == killer.seen["epoch1_sha"]
+    assert not [p for p in ckpts.rglob(".*") if p.is_file() and p.suffix == ".tmp"]  # no temp file left
     for p in list_checkpoints(ckpts):
         load_checkpoint(p)  # verifies the sha256 sidecar
     assert result.epochs == 3

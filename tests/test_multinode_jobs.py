@@ -33,7 +33,7 @@ RAY = str(BIN / "ray")
 
 TINY = """\
 name: multinode
-run_dir: runs/multinode          # relative: inside the job's working dir on the head; storage keeps it
+run_dir: runs/multinode          # relative: under the cluster's storage root (RAYROBUST_STORAGE_PATH)
 methods: [standard]
 data: {name: digits, val_size: 100}
 model: {name: small_cnn}
@@ -117,7 +117,7 @@ class Cluster:
                     if not (k in ("RAY_ADDRESS", "RAYROBUST_STORAGE_PATH") or k.startswith(("RAY_AUTH", "RAY_JOB")))}
         self.env.update({"HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                          "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-                         # what cluster.yaml exports on every node: results go to the storage path
+                         # what cluster.yaml exports on every node: the root of relative run directories
                          "RAYROBUST_STORAGE_PATH": self.storage.as_uri()})
         self.procs: list = []
         self.address = f"http://127.0.0.1:{self.dash}"
@@ -209,18 +209,19 @@ def test_pipeline_job_spreads_over_two_nodes_keeps_results_in_storage_and_needs_
     jobs = c.get("/api/jobs/", c.token())
     assert [j["submission_id"] for j in jobs if j.get("submission_id")] == ["rr-multinode"]  # the refused ones never ran
 
-    # Every artifact is in the storage path, under the run directory's name.
-    stored = c.storage / "multinode"
+    # Every artifact is under the storage root, at the relative run directory; none in the job's working dir.
+    stored = c.storage / "runs" / "multinode"
     for rel in ("summary.json", "standard/eval.json", "standard/train.json", "standard/metrics.jsonl",
-                "standard/checkpoints/epoch_001.pt", "standard/checkpoints/epoch_001.pt.sha256"):
+                "standard/checkpoints/epoch_001/checkpoint.pt", "standard/checkpoints/epoch_001/checkpoint.pt.sha256",
+                "standard/workers/rank0.json", "standard/workers/rank1.json"):
         assert (stored / rel).is_file(), rel
-    assert not (stored / "standard" / "ray").exists() and not (stored / "standard" / "workers").exists()
+    assert not list((c.base / "ray").rglob("runs/multinode"))  # nothing in the head's copy of the working dir
     summary = json.loads((stored / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["standard"]
     assert summary["rows"][0]["clean_acc"] > 0.25  # one short epoch: well above chance (0.1), not converged
 
     # The work ran on both nodes: training ranks and AutoAttack shards record their node ids.
-    ckpt = load_checkpoint(stored / "standard" / "checkpoints" / "epoch_001.pt")
+    ckpt = load_checkpoint(stored / "standard" / "checkpoints" / "epoch_001")
     train_nodes = ckpt["provenance"]["worker_nodes"]
     aa = json.loads((stored / "standard" / "eval.json").read_text())["autoattack"]
     assert len(train_nodes) == 2 and sum(aa["nodes"].values()) == 20

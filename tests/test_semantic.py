@@ -226,3 +226,23 @@ def test_artifacts_are_atomic_and_refuse_other_inputs(tmp_path):
             raise RuntimeError("crash")
     assert json.loads((dest / "manifest.json").read_text()) == {"reuse_key": {"k_max": 3}}
     assert [p.name for p in tmp_path.iterdir()] == ["clusters"]  # no temporary left behind
+
+
+def test_artifact_directories_commit_by_manifest_in_object_storage(s3_server):
+    """In a bucket there is no rename: files are staged, the old manifest goes first, the new one last."""
+    bucket = "atomic-dirs"
+    dest = s3_server.make_bucket(bucket) + "/run/clusters"
+    with atomic_dir(dest) as tmp:
+        (tmp / "a.npy").write_bytes(b"old")
+        (tmp / "manifest.json").write_text(json.dumps({"reuse_key": {"k_max": 3}}))
+    assert check_reuse(dest, {"k_max": 3}, stage="clusters", overwrite=False)["reuse_key"] == {"k_max": 3}
+    with pytest.raises(RuntimeError):  # a crash half-way leaves the old artifact untouched
+        with atomic_dir(dest) as tmp:
+            (tmp / "b.npy").write_bytes(b"new")
+            raise RuntimeError("crash")
+    assert s3_server.keys(bucket) == ["run/clusters/a.npy", "run/clusters/manifest.json"]
+    with atomic_dir(dest) as tmp:  # an overwrite replaces the directory whole
+        (tmp / "b.npy").write_bytes(b"new")
+        (tmp / "manifest.json").write_text(json.dumps({"reuse_key": {"k_max": 5}}))
+    assert s3_server.keys(bucket) == ["run/clusters/b.npy", "run/clusters/manifest.json"]
+    assert check_reuse(dest, {"k_max": 5}, stage="clusters", overwrite=False)["reuse_key"] == {"k_max": 5}

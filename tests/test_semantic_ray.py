@@ -1,4 +1,5 @@
 """SRD semantic stages on the local 2-CPU Ray cluster: Ray Data extraction, sharded clustering, dictionaries."""
+import io
 import json
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_ray_data_extraction_equals_core(extracted, digits, digits_model):
         schema = pq.read_schema(out / "latents" / shard["file"])
         assert schema.field("index").type == pa.int64() and schema.field("label").type == pa.int64()
         assert schema.field("latent").type == pa.list_(pa.float32(), 100)
-        assert schema.names == ["index", "label", "latent"]
+        assert schema.names == ["index", "label", "latent", "node", "worker"]  # + which node/actor made each row
     assert manifest["n"] == len(train) and manifest["dim"] == 100 and len(manifest["shards"]) >= 2
     assert sum(manifest["nodes"].values()) == len(train)
     assert len(manifest["workers"]) == 2  # both pool actors did work
@@ -142,3 +143,37 @@ def test_dictionaries_on_actors_equal_core_and_feed_the_purifier(extracted, digi
     x = test.x[:8]
     with torch.no_grad():
         assert purifier(x).shape == x.shape
+
+
+def test_semantic_chain_in_object_storage_reads_images_on_the_workers(extracted, digits, digits_model, s3_server):
+    """extract -> cluster -> dictionaries -> purifier with every artifact in a bucket and the images loaded by
+    the workers from their own copy of the dataset: the same artifacts as the local in-memory chain."""
+    from rayrobust.location import Location
+    from rayrobust.semantic.source import ImageSource
+
+    out, local = extracted
+    train, test = digits
+    uri = s3_server.make_bucket("semantic-chain") + "/run/semantic"
+    params = DictionaryParams(n_atoms=16, max_images_per_cluster=60, max_patches_per_cluster=500, dict_iters=4)
+    manifest = run_extract(digits_model, ImageSource("digits"), uri, num_actors=2, batch_size=64, verbose=False)
+    assert manifest["reuse_key"] == local["reuse_key"]  # same weights, same data (content hash from a worker)
+    assert manifest["data"]["name"] == "digits" and sum(manifest["nodes"].values()) == len(train)
+    for got, want in zip(read_latents(uri), read_latents(out)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    s3_summary = run_cluster(uri, uri, num_shards=2, verbose=False, **_stage_kw())
+    run_cluster(out, out, num_shards=2, verbose=False, **_stage_kw())
+    np.testing.assert_allclose(load_clusters(f"{uri}/clusters")["centroids"], load_clusters(out / "clusters")["centroids"],
+                               atol=1e-5)
+    assert s3_summary["source_latents"]["dir"] == f"{uri}/latents"
+    run_dictionaries(ImageSource("digits"), uri, uri, params, num_actors=2, verbose=False)
+    run_dictionaries(train, out, out, params, num_actors=2, verbose=False)
+    for k in range(s3_summary["num_clusters"]):
+        name = f"cluster_{k:03d}.npy"
+        np.testing.assert_allclose(np.load(io.BytesIO(Location(f"{uri}/dictionaries/{name}").read_bytes())),
+                                   np.load(out / "dictionaries" / name), atol=1e-5)
+    keys = s3_server.keys("semantic-chain")
+    assert "run/semantic/latents/manifest.json" in keys and "run/semantic/dictionaries/manifest.json" in keys
+    assert not [k for k in keys if ".tmp" in k]  # staging directories are gone
+    with torch.no_grad():
+        np.testing.assert_allclose(load_purifier(uri, digits_model)(test.x[:8]), load_purifier(out, digits_model)(test.x[:8]),
+                                   atol=1e-5)

@@ -1,10 +1,11 @@
 """Ray Train: multi-worker runs, checkpoints per epoch, resume that continues the same run."""
 import json
+import shutil
 
 import pytest
 import torch
 
-from rayrobust.checkpoint import list_checkpoints, load_checkpoint
+from rayrobust.checkpoint import CHECKPOINT_FILE, list_checkpoints, load_checkpoint
 from rayrobust.errors import ConfigError
 from rayrobust.train import fit
 
@@ -18,7 +19,7 @@ def test_two_worker_run_writes_checkpoints_and_metrics(ray_cluster, tmp_path):
     result = fit(cfg, tmp_path / "pgd_at")
     assert result.epochs == 2 and result.resumed_from is None
     ckpts = list_checkpoints(tmp_path / "pgd_at" / "checkpoints")
-    assert [p.name for p in ckpts] == ["epoch_001.pt", "epoch_002.pt"]
+    assert [p.name for p in ckpts] == ["epoch_001", "epoch_002"]  # Ray Train checkpoint directories
     payload = load_checkpoint(ckpts[-1])
     assert payload["provenance"]["world_size"] == 2
     assert payload["config"]["train"]["method"] == "pgd_at"
@@ -36,9 +37,7 @@ def test_resume_replays_the_uninterrupted_run(ray_cluster, tmp_path):
     full = fit(cfg, tmp_path / "a")
     final = load_checkpoint(full.checkpoint)
     # Crash after epoch 1: the newest checkpoint never made it.
-    interrupted = tmp_path / "a" / "checkpoints"
-    (interrupted / "epoch_002.pt").unlink()
-    (interrupted / "epoch_002.pt.sha256").unlink()
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "epoch_002")
     resumed = fit(cfg, tmp_path / "a")
     assert resumed.resumed_from == 1 and resumed.epochs == 2
     again = load_checkpoint(resumed.checkpoint)
@@ -51,9 +50,10 @@ def test_resume_replays_the_uninterrupted_run(ray_cluster, tmp_path):
 def test_completed_run_is_reused_and_extending_epochs_continues(ray_cluster, tmp_path):
     cfg = tiny_config(tmp_path, train={"epochs": 1})
     first = fit(cfg, tmp_path / "s")
-    stamp = first.checkpoint.stat().st_mtime_ns
+    payload = (first.checkpoint / CHECKPOINT_FILE).local_path()
+    stamp = payload.stat().st_mtime_ns
     again = fit(cfg, tmp_path / "s")
-    assert again.checkpoint == first.checkpoint and first.checkpoint.stat().st_mtime_ns == stamp
+    assert again.checkpoint == first.checkpoint and payload.stat().st_mtime_ns == stamp
     longer = fit(tiny_config(tmp_path, train={"epochs": 2}), tmp_path / "s")
     assert longer.resumed_from == 1 and longer.epochs == 2
 

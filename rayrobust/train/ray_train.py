@@ -69,16 +69,20 @@ def _resume_payload(run_dir: Location, log) -> Optional[Dict[str, Any]]:
     storage after a failure or a resubmission) when it verifies, else the newest valid one listed there."""
     import ray.train
 
+    ours = load_latest_checkpoint(run_dir / CHECKPOINTS)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         try:
             with ckpt.as_directory() as d:
-                return load_checkpoint(Path(d))
-        except CheckpointError as e:
+                theirs = load_checkpoint(Path(d))
+            # A checkpoint removed from storage by hand stays in Ray Train's record: the newest valid one wins.
+            if ours is None or int(theirs["epoch"]) >= int(ours[1]["epoch"]):
+                return theirs
+        except Exception as e:  # CheckpointError, or a directory that is gone from storage
             if log:
-                log(f"warning: Ray Train's latest checkpoint is unusable ({e}); using the newest valid one")
-    found = load_latest_checkpoint(run_dir / CHECKPOINTS)
-    return found[1] if found else None
+                log(f"Ray Train's latest checkpoint is unusable ({str(e).splitlines()[0][:200]}); "
+                    "continuing from the newest valid one in the run's storage")
+    return ours[1] if ours else None
 
 
 def _report_checkpoint(metrics: Dict[str, Any], payload: Dict[str, Any], epoch: int) -> None:
