@@ -105,10 +105,11 @@ def browser():
     driver.quit()
 
 
-def _load(driver, html_path: Path):
+def _load(driver, report):
+    """Open a report (the Location write_report returns) in the browser: console errors and a screenshot."""
     from PIL import Image
 
-    driver.get(html_path.resolve().as_uri())
+    driver.get(report.local_path().as_uri())
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     png = driver.get_screenshot_as_png()
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)

@@ -109,6 +109,9 @@ def test_seed_config_and_bad_seeds(tmp_path):
     cfg = tiny_config(tmp_path)
     s1 = seed_config(cfg, 1)
     assert s1.train.seed == 1 and s1.run_dir.endswith("seed1") and s1.eval.seed == cfg.eval.seed
+    # a URI stays a URI, a relative run_dir stays relative (it may live under storage_path)
+    assert seed_config(load_config(None, ["run_dir=s3://bucket/runs/r/"]), 2).run_dir == "s3://bucket/runs/r/seed2"
+    assert seed_config(load_config(None, ["run_dir=runs/r"]), 0).run_dir == "runs/r/seed0"
     with pytest.raises(ConfigError, match="seeds"):
         load_config(None, ["seeds=[0, 0]"])
     with pytest.raises(ConfigError, match="method_overrides.pgd_at.train.lrr"):

@@ -43,7 +43,7 @@ def _study(run_dir):
 
     from rayrobust.tune.search import STUDY, journal_storage
 
-    return optuna.load_study(study_name=STUDY, storage=journal_storage(Path(run_dir)))
+    return optuna.load_study(study_name=STUDY, storage=journal_storage(run_dir))
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +226,82 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         after = json.loads((run_dir / "trials" / tid / "val" / "epoch_002.json").read_text())
         assert after == before[tid]
     assert s["final"] and s["final"][0]["autoattack_acc"] is not None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster, s3_server):
+    """run_dir=s3://...: the Tune experiment, the Optuna journal, every trial's checkpoints and gradings and
+    the summaries live in the bucket; `report` and `--resume` work on the URI from the bucket alone."""
+    import optuna
+
+    from rayrobust.cli import main
+    from rayrobust.location import Location
+    from rayrobust.tune.search import StudyStorage, run_tune
+
+    bucket = s3_server.make_bucket("rr-tune")
+    uri = f"{bucket}/runs/search"
+    cfg = config_from_dict(_raw(uri, {"space": {"train_eps": {"low": 0.5, "high": 1.5}}, "num_samples": 2,
+                                      "val_n": 32, "final_top_k": 1, "asha": False},
+                                eval={"n_eval": 50, "n_autoattack": 10, "chunk_size": 10, "batch_size": 50,
+                                      "checks": False}))
+    t0 = time.perf_counter()
+    s = run_tune(cfg)
+    print(f"search of 2 trials in S3: {time.perf_counter() - t0:.1f}s")
+    assert len(s["trials"]) == 2 and all(t["status"] == "TERMINATED" for t in s["trials"])
+    assert s["storage"] == f"{uri}/optuna.journal" and s["experiment_dir"] == f"{uri}/tune"
+    keys = s3_server.keys("rr-tune", "runs/search/")
+    names = {k.removeprefix("runs/search/") for k in keys}
+    assert {"optuna.journal", "tune_config.json", "tune_summary.json", "summary.json", "tune/tuner.pkl"} <= names
+    assert any(n.startswith("tune/experiment_state") for n in names)  # what Tuner.restore reads
+    for t in s["trials"]:
+        tid = t["trial_id"]
+        assert {f"trials/{tid}/params.json", f"trials/{tid}/val/epoch_002.json",
+                f"trials/{tid}/checkpoints/epoch_002/checkpoint.pt"} <= names, sorted(names)
+    assert f"trials/{s['selected'][0]}/final_eval.json" in names
+    assert not any(n.endswith(".tmp") or n.endswith(".lock") for n in names)
+    assert not Path("s3:").exists() and not Path("runs/search").exists()  # nothing landed on the local disk
+
+    def study_from_bucket():  # as a new driver process sees it: only what is in the bucket
+        StudyStorage._working.clear()
+        StudyStorage._pushed.clear()
+        return _study(uri)
+
+    complete = study_from_bucket().get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert sorted(t.user_attrs["tune_trial_id"] for t in complete) == sorted(t["trial_id"] for t in s["trials"])
+
+    assert main(["report", uri]) == 0
+    report = Location(f"{uri}/report.html").read_text()
+    assert report.count('id="curve-') == 2 and 'id="autoattack-table"' in report
+
+    c = s3_server.client()
+    stamps = {k: c.head_object(Bucket="rr-tune", Key=k)["ETag"] for k in keys
+              if "/trials/" in k and ("/checkpoints/" in k or "/val/" in k or k.endswith("final_eval.json"))}
+    study_from_bucket()
+    t0 = time.perf_counter()
+    assert main(["tune", "--resume", uri]) == 0
+    print(f"resume of the finished search: {time.perf_counter() - t0:.1f}s")
+    again = json.loads(Location(f"{uri}/tune_summary.json").read_text())
+    for key in ("trials", "pareto", "selected", "final"):
+        assert again[key] == s[key], key
+    assert {k: c.head_object(Bucket="rr-tune", Key=k)["ETag"] for k in stamps} == stamps  # no trial ran again
+    assert len(study_from_bucket().get_trials()) == 2
+
+
+def test_bad_run_locations_are_one_line_errors_and_write_nothing(s3_server, tmp_path, capsys):
+    from rayrobust.cli import main
+
+    s3_server.make_bucket("rr-tune-bad")
+    assert main(["tune", "--set", "run_dir=ftp://host/run", "--set", "tune.num_samples=1"]) == 2
+    assert "unknown storage scheme 'ftp://'" in capsys.readouterr().err
+    assert main(["tune", "--resume", "s3://rr-tune-bad/none"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no search" in err and len(err.strip().splitlines()) == 1
+    assert main(["tune", "--set", f"run_dir={tmp_path / 'run'}", "--set", "tune.optuna_storage=redis://x/0"]) == 2
+    assert "unknown database scheme" in capsys.readouterr().err
+    assert main(["tune", "--set", "run_dir=s3://no-such-bucket-rr/run"]) == 2
+    assert "no-such-bucket-rr" in capsys.readouterr().err
+    assert s3_server.keys("rr-tune-bad") == [] and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("override, message", [
