@@ -111,6 +111,16 @@ def _load(args) -> "ExperimentConfig":  # noqa: F821
     return load_config(args.config, overrides)
 
 
+def _load_writable(args) -> "ExperimentConfig":  # noqa: F821
+    """The config of a command that writes into the run directory, after a probe write proved it can:
+    a wrong bucket, endpoint or credential stops the command here, before any work."""
+    from .location import check_writable
+
+    cfg = _load(args)
+    check_writable(cfg.run_location())
+    return cfg
+
+
 def cmd_train(args) -> int:
     from .train import fit
 
@@ -151,7 +161,7 @@ def cmd_certify(args) -> int:
     from .errors import ConfigError
     from .location import Location
 
-    cfg = _load(args)
+    cfg = _load_writable(args)
     try:
         radii = [float(r) for r in args.radii.split(",") if r.strip()]
     except ValueError:
@@ -179,7 +189,7 @@ def cmd_pipeline(args) -> int:
 def cmd_results(args) -> int:
     from .results import run_results
 
-    cfg = _load(args)
+    cfg = _load_writable(args)
     command = " ".join(["rayrobust results", *(["--config", args.config] if args.config else []),
                         *[f"--set {o}" for o in args.overrides]])
     readme = None if args.readme.lower() == "none" else Path(args.readme)
@@ -190,7 +200,7 @@ def cmd_results(args) -> int:
 def cmd_extract(args) -> int:
     from .semantic.stages import source_images, run_extract_stage
 
-    cfg = _load(args)
+    cfg = _load_writable(args)
     manifest = run_extract_stage(cfg.semantic, cfg.run_location(), args.checkpoint, source_images(cfg.data, cfg.semantic))
     print(json.dumps({k: manifest[k] for k in ("n", "dim") if k in manifest}, indent=2))
     return 0
@@ -199,7 +209,7 @@ def cmd_extract(args) -> int:
 def cmd_cluster(args) -> int:
     from .semantic.stages import run_cluster_stage
 
-    cfg = _load(args)
+    cfg = _load_writable(args)
     out = run_cluster_stage(cfg.semantic, cfg.run_location(), args.checkpoint)
     print(json.dumps({"k_per_class": out.get("k_per_class")}, indent=2))
     return 0
@@ -208,7 +218,7 @@ def cmd_cluster(args) -> int:
 def cmd_dictionaries(args) -> int:
     from .semantic.stages import source_images, run_dictionaries_stage
 
-    cfg = _load(args)
+    cfg = _load_writable(args)
     manifest = run_dictionaries_stage(cfg.semantic, cfg.run_location(), source_images(cfg.data, cfg.semantic))
     print(json.dumps({"num_clusters": manifest.get("num_clusters"), "params": manifest.get("params")}, indent=2))
     return 0

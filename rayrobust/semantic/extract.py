@@ -124,12 +124,13 @@ class LatentExtractor:
     this actor's own copy of `source`) or rows carrying the images (index, label, image)."""
 
     def __init__(self, model_ref: Any, image_shape: Tuple[int, int, int], batch_size: int, threads: Optional[int],
-                 source: Optional[ImageSource] = None):
+                 source: Optional[ImageSource] = None, scale: Optional[float] = None):
         import ray
 
         if threads:
             torch.set_num_threads(threads)
-        self.data = source.load() if source is not None else None
+        self.data = source.load() if source is not None and not source.stream else None
+        self.scale = scale  # streamed rows carry uint8 images: x = image / scale
         model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
@@ -143,6 +144,12 @@ class LatentExtractor:
         if self.data is not None:  # positions in this actor's own copy of the dataset
             index = batch.column("id").to_numpy().astype(np.int64)
             x, labels = self.data.x[torch.from_numpy(index)], self.data.y[torch.from_numpy(index)].numpy()
+        elif self.scale is not None:  # streamed rows: uint8 images (B, C, H, W)
+            from ..data_ray import to_float
+
+            index, labels = batch.column("index").to_numpy(), batch.column("label").to_numpy()
+            images = np.stack(batch.column("image").to_numpy(zero_copy_only=False)).reshape(n, *self.shape)
+            x = to_float(torch.from_numpy(images), self.scale)
         else:
             width = int(np.prod(self.shape))
             x = torch.from_numpy(_list_column(batch.column("image"), width).reshape(n, *self.shape).copy())  # (B, C, H, W)
@@ -239,7 +246,9 @@ def run_extract(
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # Ray 2.60's DataContext warns about its own deprecated fields
         warnings.simplefilter("ignore", DeprecationWarning)
-        if isinstance(dataset, ImageSource):  # only positions leave the driver; each actor loads the images
+        if isinstance(dataset, ImageSource) and dataset.stream:  # read by the workers, from Parquet/image files
+            ds = dataset.rows()
+        elif isinstance(dataset, ImageSource):  # only positions leave the driver; each actor loads the images
             ds = ray.data.from_arrow([pa.table({"id": np.arange(s, min(s + block_rows, n), dtype=np.int64)})
                                       for s in range(0, n, block_rows)])
         else:
@@ -250,7 +259,8 @@ def run_extract(
         LatentExtractor,
         fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": shape,
                                "batch_size": batch_size, "threads": None if use_gpu else 1,
-                               "source": dataset if isinstance(dataset, ImageSource) else None},
+                               "source": dataset if isinstance(dataset, ImageSource) else None,
+                               "scale": info["scale"] if isinstance(dataset, ImageSource) and dataset.stream else None},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size, batch_format="pyarrow", **per_actor, **(ray_remote_args or {}),
     )

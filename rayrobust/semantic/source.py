@@ -28,6 +28,7 @@ class ImageSource:
     root: Optional[str] = None
     download: bool = False
     limit: Optional[int] = None
+    stream: bool = False  # read as a Ray Dataset (Parquet or image files on a URI): no process holds the split
 
     @classmethod
     def from_config(cls, data_cfg: Any, semantic_cfg: Any) -> "ImageSource":
@@ -35,7 +36,13 @@ class ImageSource:
         semantic.extract_limit of those."""
         limits = [v for v in (getattr(data_cfg, "train_limit", None), getattr(semantic_cfg, "extract_limit", None)) if v]
         return cls(data_cfg.name, "train", getattr(data_cfg, "root", None), bool(getattr(data_cfg, "download", False)),
-                   min(limits) if limits else None)
+                   min(limits) if limits else None, bool(getattr(data_cfg, "streamed", False)))
+
+    def rows(self):
+        """The split as a ray.data.Dataset of rows {index, label, image (C,H,W) uint8} read by the workers."""
+        from ..data_ray import image_dataset
+
+        return image_dataset(self.to_dict(), self.split, limit=self.limit)
 
     def load(self) -> ArrayDataset:
         """The split, loaded in this process on first use."""
@@ -60,11 +67,23 @@ def _describe_here(source: ImageSource) -> Dict[str, Any]:
 
 
 def describe(source: ImageSource) -> Dict[str, Any]:
-    """{n, data_sha256, shape, num_classes, name} of the source, computed on a Ray worker (the driver
-    never loads the images); a missing dataset raises its DataError here."""
+    """{n, data_sha256, shape, num_classes, name, scale} of the source, computed on a Ray worker (the driver
+    never loads the images); a missing dataset raises its DataError here. A streamed source is described
+    by its metadata alone: `data_sha256` then hashes the metadata and the location, not every image."""
+    import hashlib
+    import json
+
     import ray
 
     from ..raycluster import ensure_ray
 
     ensure_ray()
+    if source.stream:
+        from ..data_ray import dataset_info
+
+        info = dataset_info(source.to_dict())
+        n = min(info["n_train"], source.limit) if source.limit else info["n_train"]
+        identity = json.dumps({"root": source.root, "info": info, "n": n}, sort_keys=True, default=str)
+        return {"n": n, "data_sha256": hashlib.sha256(identity.encode()).hexdigest(), "shape": list(info["shape"]),
+                "num_classes": info["num_classes"], "name": info["name"], "scale": info["scale"]}
     return ray.get(ray.remote(num_cpus=1, max_retries=0)(_describe_here).remote(source))
