@@ -141,6 +141,8 @@ class LoopbackCluster:
                             or k.startswith(("RAY_AUTH", "RAY_JOB")))}
         self.env.update({"HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                          "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+                         # a raylet on a loaded machine may need more than the default 30 s to register
+                         "RAY_raylet_start_wait_time_s": "120",
                          **(env or {})})
         # What the worker node cannot see (module doc); directories below an earlier one are covered by it.
         self.hidden_dirs: List[str] = []
@@ -158,18 +160,40 @@ class LoopbackCluster:
         self._worker_node_id: Optional[str] = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = 180) -> "LoopbackCluster":
+    def start(self, timeout: float = 180, attempts: int = 3) -> "LoopbackCluster":
+        """Start the head, then the worker node. On a loaded machine `ray start` can give up waiting for its
+        raylet to register (a fixed 30 s in Ray); a node that exits while starting is removed and started
+        again, `attempts` times at most."""
         gen = self.ray("get-auth-token", "--generate", timeout=60)
         if gen.returncode != 0:
             raise RuntimeError(f"ray get-auth-token --generate failed: {gen.stderr[-2000:]}")
         self._token = (self.home / ".ray" / "auth_token").read_text().strip()
-        self.head = self._start_node(
-            "head", ["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", '--resources={"head": 1}',
-                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={free_ports(1)[0]}"])
-        self._head_node_id = self.wait_for_nodes(1, timeout)[0]
-        self.start_worker(timeout)
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                self.gcs, self.dashboard_port = free_ports(2)
+                self.address = f"http://127.0.0.1:{self.dashboard_port}"
+            self.head = self._start_node(
+                f"head{attempt}",
+                ["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", '--resources={"head": 1}',
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                 f"--ray-client-server-port={free_ports(1)[0]}"])
+            try:
+                self._head_node_id = self.wait_for_nodes(1, timeout)[0]
+                break
+            except RuntimeError:
+                self._remove(self.head)
+                if attempt == attempts:
+                    raise
+        self.start_worker(timeout, attempts)
         return self
+
+    def _remove(self, node: Node) -> None:
+        kill_processes(node.tree(), [node.proc.pid], [str(node.temp_dir)], grace=2)
+        try:
+            node.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._retired.append(node)
 
     def _start_node(self, name: str, args: List[str], *, isolate: bool = False) -> Node:
         temp_dir = self.base / name
@@ -215,24 +239,24 @@ class LoopbackCluster:
                   "exec " + " ".join(q(c) for c in cmd)]
         return "\n".join(lines)
 
-    def start_worker(self, timeout: float = 180) -> str:
-        """Start a (new) worker node; returns its node id once it is alive."""
-        self._workers_started += 1
-        self.worker = self._start_node(
-            f"worker{self._workers_started}",
-            [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={self.worker_cpus}", '--resources={"worker": 1}'],
-            isolate=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            new = [nd["node_id"] for nd in self._nodes_quiet() if nd["state"] == "ALIVE"
-                   and "worker" in (nd.get("resources_total") or {}) and nd["node_id"] not in self._retired_ids]
-            if new:
-                self._worker_node_id = new[0]
-                return new[0]
-            if self.worker.proc.poll() is not None:
-                break
-            time.sleep(1)
-        raise RuntimeError(f"the worker node did not come up in {timeout}s:\n{self.logs()}")
+    def start_worker(self, timeout: float = 180, attempts: int = 3) -> str:
+        """Start a (new) worker node; returns its node id once the head sees it alive (see `start` on attempts)."""
+        for attempt in range(1, attempts + 1):
+            self._workers_started += 1
+            self.worker = self._start_node(
+                f"worker{self._workers_started}",
+                [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={self.worker_cpus}", '--resources={"worker": 1}'],
+                isolate=True)
+            deadline = time.time() + timeout
+            while time.time() < deadline and self.worker.proc.poll() is None:
+                new = [nd["node_id"] for nd in self._nodes_quiet() if nd["state"] == "ALIVE"
+                       and "worker" in (nd.get("resources_total") or {}) and nd["node_id"] not in self._retired_ids]
+                if new:
+                    self._worker_node_id = new[0]
+                    return new[0]
+                time.sleep(1)
+            self._remove(self.worker)
+        raise RuntimeError(f"the worker node did not come up ({attempts} attempts):\n{self.logs()}")
 
     def kill_worker_raylet(self) -> int:
         """SIGKILL the worker node's raylet (a node failure: its tasks and actors die with it); returns its pid."""
@@ -244,16 +268,13 @@ class LoopbackCluster:
 
     def restart_worker(self, timeout: float = 180) -> str:
         """Remove what is left of the worker node and start a new one (a replacement machine); its node id."""
-        old = self.worker
-        kill_processes(old.tree(), [old.proc.pid], [str(old.temp_dir)], grace=2)
-        old.proc.wait(timeout=10)
-        self._retired.append(old)
+        self._remove(self.worker)
         self._retired_ids.add(self._worker_node_id)
         return self.start_worker(timeout)
 
     def stop(self) -> None:
         """Kill exactly this cluster's processes and remove its temp dir."""
-        nodes = [n for n in (self.worker, *self._retired, self.head) if n is not None]
+        nodes = list({id(n): n for n in (self.worker, *self._retired, self.head) if n is not None}.values())
         pids = set().union(*(n.tree() for n in nodes)) if nodes else set()  # before orphans lose their parent link
         kill_processes(pids, [n.proc.pid for n in nodes], [str(self.base)])
         for n in nodes:
