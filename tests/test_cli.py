@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from rayrobust.checkpoint import checkpoint_name, save_checkpoint
+from rayrobust.checkpoint import CHECKPOINT_FILE, checkpoint_name, save_checkpoint
 from rayrobust.cli import COMMANDS, main
 
 
@@ -68,10 +68,11 @@ def _write_checkpoint(path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_checkpoint_is_refused_and_earlier_eval_kept(tmp_path, damage):
-    ckpt = tmp_path / checkpoint_name(1)
+    ckpt = tmp_path / checkpoint_name(1)  # a checkpoint directory, as training writes it
     _write_checkpoint(ckpt)
-    data = ckpt.read_bytes()
-    ckpt.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x00" * 100)
+    payload = ckpt / CHECKPOINT_FILE
+    data = payload.read_bytes()
+    payload.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x00" * 100)
     out = tmp_path / "eval.json"
     out.write_text('{"earlier": true}\n')
     proc = run_cli("evaluate", "--config", "configs/demo.yaml", "--checkpoint", str(ckpt), "--out", str(out))

@@ -86,27 +86,45 @@ def train_epoch(
 ) -> Dict[str, float]:
     """Train one epoch; returns mean loss, mean method metrics, images/s and seconds."""
     batches = epoch_batches(len(data.x_train), batch_size, epoch=epoch, seed=seed, rank=rank, world=world)
-    total_steps = epochs * len(batches)
+    xy = ((data.x_train[idx], data.y_train[idx]) for idx in batches)
+    return _fit_batches(model, method, optimizer, xy, steps=len(batches), epoch=epoch, epochs=epochs,
+                        batch_size=batch_size, lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
+                        log=log)
+
+
+def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
+                 xy: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, steps: int, epoch: int, epochs: int,
+                 batch_size: int, lr: float, device: torch.device, amp_dtype: Optional[torch.dtype],
+                 channels_last: bool, log: Optional[Callable[[str], None]]) -> Dict[str, float]:
+    """One epoch's optimisation over (x in [0,1], y) batches: the one-cycle schedule, the method's step, mean
+    metrics. Trains exactly `steps` batches; later ones are read and dropped (a stream's epoch must end)."""
+    total_steps = epochs * steps
     sums: Dict[str, float] = {}
     start = time.perf_counter()
-    report_every = max(1, len(batches) // 4)
-    for i, idx in enumerate(batches):
+    report_every = max(1, steps // 4)
+    done = 0
+    for x, y in xy:
+        if done == steps:
+            continue  # drain: a streamed shard's epoch ends when its iterator is exhausted
         for group in optimizer.param_groups:
-            group["lr"] = one_cycle_lr(epoch * len(batches) + i, total_steps, lr)
-        x = data.x_train[idx].to(device, non_blocking=True)
-        y = data.y_train[idx].to(device, non_blocking=True)
+            group["lr"] = one_cycle_lr(epoch * steps + done, total_steps, lr)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, metrics = train_step(model, method, optimizer, x, y, amp_dtype=amp_dtype)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1} step {i}; lower train.lr")
+            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1} step {done}; lower train.lr")
         for k, v in {"loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + v
-        if log and (i + 1) % report_every == 0 and i + 1 < len(batches):
-            log(f"  epoch {epoch + 1}/{epochs}  step {i + 1}/{len(batches)}  loss {sums['loss'] / (i + 1):.4f}")
+        done += 1
+        if log and done % report_every == 0 and done < steps:
+            log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {sums['loss'] / done:.4f}")
+    if done < steps:
+        raise RuntimeError(f"the data ended after {done} of {steps} batches in epoch {epoch + 1}")
     seconds = time.perf_counter() - start
-    out = {k: v / max(1, len(batches)) for k, v in sums.items()}
-    out["images_per_s"] = len(batches) * batch_size / max(seconds, 1e-9)  # global images (all workers)
+    out = {k: v / max(1, steps) for k, v in sums.items()}
+    out["images_per_s"] = steps * batch_size / max(seconds, 1e-9)  # global images (all workers)
     out["epoch_seconds"] = seconds
     return out
 
@@ -157,35 +175,10 @@ def train_epoch_stream(
     """
     if steps < 1:
         raise ValueError(f"an epoch of {steps} steps: the training set is smaller than one batch of {batch_size}")
-    total_steps = epochs * steps
-    sums: Dict[str, float] = {}
-    start = time.perf_counter()
-    report_every = max(1, steps // 4)
-    done = 0
-    for batch in batches:
-        if done == steps:
-            continue  # drain: the shard's epoch ends when its iterator is exhausted
-        for group in optimizer.param_groups:
-            group["lr"] = one_cycle_lr(epoch * steps + done, total_steps, lr)
-        x = batch["image"].to(device, non_blocking=True).float().div_(scale)
-        y = batch["label"].to(device, non_blocking=True).long()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, metrics = train_step(model, method, optimizer, x, y, amp_dtype=amp_dtype)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1} step {done}; lower train.lr")
-        for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + v
-        done += 1
-        if log and done % report_every == 0 and done < steps:
-            log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {sums['loss'] / done:.4f}")
-    if done < steps:
-        raise RuntimeError(f"the data shard ended after {done} of {steps} batches in epoch {epoch + 1}")
-    seconds = time.perf_counter() - start
-    out = {k: v / steps for k, v in sums.items()}
-    out["images_per_s"] = steps * batch_size / max(seconds, 1e-9)  # global images (all workers)
-    out["epoch_seconds"] = seconds
-    return out
+    # uint8 travels to the device (4x fewer bytes), then becomes [0,1] floats there
+    xy = ((b["image"].to(device, non_blocking=True).float().div_(scale), b["label"].long()) for b in batches)
+    return _fit_batches(model, method, optimizer, xy, steps=steps, epoch=epoch, epochs=epochs, batch_size=batch_size,
+                        lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last, log=log)
 
 
 def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int, seed: int,
