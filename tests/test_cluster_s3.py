@@ -53,9 +53,8 @@ PIPELINE = {
     # 2 Ray Train workers of 1 CPU each: one per node on the 1 + 1 CPU cluster below
     "train": {"method": "standard", "epochs": 1, "batch_size": 64, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
               "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "srd_lambda": 0.1},
-    # one extraction actor: a Ray Data actor pool holding all of a 2-CPU cluster's CPUs leaves none for
-    # its read and write tasks (the extraction waits forever)
-    "semantic": {**SEMANTIC, "num_actors": 1},
+    # two extraction actors, one per node: they hold both CPUs; the writes take none
+    "semantic": SEMANTIC,
     "eval": {"eps": 0.1, "n_eval": 60, "n_autoattack": 20, "pgd_steps": 5, "batch_size": 60, "num_shards": 2,
              "chunk_size": 10, "checks": False},
 }
