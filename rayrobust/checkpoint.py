@@ -17,7 +17,6 @@ import pickle
 import re
 import warnings
 import zipfile
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

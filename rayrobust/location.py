@@ -20,12 +20,11 @@ Example:
 """
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import threading
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 from .errors import StorageError
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from rayrobust.checkpoint import load_checkpoint
+
+from loopback_cluster import descendants, free_ports, kill_processes
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.timeout(300),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to clean up")]
@@ -44,66 +44,12 @@ eval: {eps: 0.1, n_eval: 60, n_autoattack: 20, pgd_steps: 5, batch_size: 60, num
 """
 
 
-def _free_ports(n: int) -> list:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _proc_table() -> dict:
-    """pid -> (ppid, cmdline) from /proc (no psutil in the venv)."""
-    table = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(d)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
-    return table
-
-
-def _our_processes(roots: list, marker: str) -> set:
-    """The `ray start` processes, all their descendants, and anything whose command line names our temp dir."""
-    table = _proc_table()
-    found = {pid for pid, (_, cmd) in table.items() if marker in cmd} | {r for r in roots if r in table}
-    grew = True
-    while grew:
-        kids = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
-        found |= kids
-        grew = bool(kids)
-    found.discard(os.getpid())
-    return found
-
-
 def _kill_tree(procs, marker: str) -> None:
     """SIGTERM, then SIGKILL after a grace period, exactly the processes our two `ray start` commands started."""
-    pids = _our_processes([p.pid for p in procs], marker)  # collected first: orphans lose their parent link
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 2)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids):
-            time.sleep(0.2)
-        pids |= _our_processes([], marker)  # a worker forked meanwhile
+    roots = [p.pid for p in procs]
+    kill_processes(descendants(roots, [marker]), roots=roots, markers=[marker])  # collected first: orphans lose their parent
     for p in procs:
         p.wait(timeout=10)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 class Cluster:
@@ -112,7 +58,7 @@ class Cluster:
         self.home = base / "home"
         self.home.mkdir()
         self.storage = base / "storage"
-        (self.gcs, self.dash, *self.ports) = _free_ports(16)
+        (self.gcs, self.dash, *self.ports) = free_ports(16)
         self.env = {k: v for k, v in os.environ.items()
                     if not (k in ("RAY_ADDRESS", "RAYROBUST_STORAGE_PATH") or k.startswith(("RAY_AUTH", "RAY_JOB")))}
         self.env.update({"HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -32,7 +32,6 @@ naming the missing stage.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np

@@ -17,7 +17,6 @@ Example:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
