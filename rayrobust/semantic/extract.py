@@ -148,7 +148,9 @@ class LatentExtractor:
             from ..data_ray import to_float
 
             index, labels = batch.column("index").to_numpy(), batch.column("label").to_numpy()
-            images = np.stack(batch.column("image").to_numpy(zero_copy_only=False)).reshape(n, *self.shape)
+            # a tensor column (Ray's Arrow tensor extension type): each chunk converts to (rows, C, H, W)
+            images = np.concatenate([c.to_numpy(zero_copy_only=False) for c in batch.column("image").chunks])
+            images = images.reshape(n, *self.shape)
             x = to_float(torch.from_numpy(images), self.scale)
         else:
             width = int(np.prod(self.shape))
