@@ -224,6 +224,8 @@ class LoopbackCluster:
                  f"mount --bind {q(str(REPO))} {STAGING}/repo",
                  f"mount --bind {q(str(temp_dir))} {STAGING}/temp"]
         lines += [f"mount -t tmpfs rr-hidden {q(d)}" for d in self.hidden_dirs if os.path.isdir(d)]
+        # the repository may itself sit below a hidden directory (a clone in /tmp): its mount point first
+        lines.append(f"mkdir -p {q(str(REPO))}")
         lines.append(f"mount -t tmpfs rr-repo {q(str(REPO))}")
         for e in repo_entries:
             src, dst = f"{STAGING}/repo/{e}", str(REPO / e)
