@@ -52,7 +52,7 @@ browser:
 	fi
 
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup browser
 	$(PY) -m pytest -q -m "not ray and not slow"

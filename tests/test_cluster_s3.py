@@ -40,7 +40,7 @@ RAYROBUST = str(BIN / "rayrobust")
 # Fields of a summary row / checkpoint history that are wall-clock measurements, not results.
 WALL_CLOCK = {"seconds", "images_per_s", "epoch_seconds", "wall_seconds"}
 
-# Tiny settings that finish in about a minute per stage on 2 CPUs (tests/test_srd.py, test_multinode_jobs.py).
+# Tiny settings that finish in about a minute per stage on 2 CPUs (tests/test_srd.py).
 SEMANTIC = {"k_max": 2, "silhouette_sample": 200, "kmeans_iters": 10, "kmeans_n_init": 1, "num_actors": 2,
             "num_shards": 2, "dict_actors": 2, "n_atoms": 8, "dict_iters": 3, "max_images_per_cluster": 60,
             "max_patches_per_cluster": 500, "fista_iters": 10, "extract_batch_size": 256}
@@ -123,7 +123,8 @@ print("PROBE " + json.dumps(out))
 
 
 def test_a_the_worker_node_cannot_see_files_the_driver_side_writes(cluster, tmp_path):
-    assert cluster.hidden_dirs[:3] == ["/tmp", "/var/tmp", str(REPO / "runs")]
+    assert cluster.hidden_dirs[:2] == ["/tmp", "/var/tmp"]
+    assert any(str(REPO / "runs") == h or str(REPO / "runs").startswith(h + "/") for h in cluster.hidden_dirs)
     secret = tmp_path / "written-by-the-test.txt"
     secret.write_text("test")
     had_runs = (REPO / "runs").exists()
@@ -152,6 +153,15 @@ def test_a_the_worker_node_cannot_see_files_the_driver_side_writes(cluster, tmp_
         assert res["worker"]["seen"][p] is False, p  # ... the worker node does not
     assert res["worker"]["seen"][str(visible)] is True
     print(f"hidden from the worker node: {cluster.hidden_dirs} and repository entries created after it started")
+
+    # Nobody without the cluster's token gets in: no token at all, then a wrong one.
+    anon = {**{k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
+            "HOME": str(tmp_path / "nobody")}
+    refused = cluster.ray("job", "submit", "--address", cluster.address, "--", "echo", "pwned", env=anon, timeout=120)
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr
+    wrong = cluster.ray("job", "submit", "--address", cluster.address, "--", "echo", "pwned",
+                        env={**cluster.env, "RAY_AUTH_TOKEN": "not-the-token"}, timeout=120)
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
 
 
 # --- (b) ----------------------------------------------------------------------------------------------

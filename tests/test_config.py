@@ -54,3 +54,25 @@ def test_roundtrip_through_dict():
     cfg = load_config("configs/demo.yaml", ["train.seed=7"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg and isinstance(again, ExperimentConfig)
+
+
+def test_run_dir_is_a_path_or_a_uri_and_relative_ones_live_under_the_storage_root(tmp_path, monkeypatch, s3_server):
+    """What cluster.yaml relies on: a relative run_dir lives under RAYROBUST_STORAGE_PATH (or storage_path);
+    a URI or an absolute path is used as given; an unknown scheme is refused when the config is read."""
+    from rayrobust.config import STORAGE_ENV, load_config
+    from rayrobust.errors import RayRobustError
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["run_dir=runs/x"]).run_location().local_path() == tmp_path / "runs" / "x"
+    root = s3_server.make_bucket("storage-root") + "/rayrobust"
+    monkeypatch.setenv(STORAGE_ENV, root)
+    cfg = load_config(None, ["run_dir=runs/x"])
+    assert cfg.run_location().uri == f"{root}/runs/x"
+    assert cfg.layout().checkpoints("pgd_at").uri == f"{root}/runs/x/pgd_at/checkpoints"
+    assert load_config(None, [f"run_dir={tmp_path / 'abs'}"]).run_location().local_path() == tmp_path / "abs"
+    assert load_config(None, ["run_dir=s3://other-bucket/y"]).run_location().uri == "s3://other-bucket/y"
+    assert load_config(None, ["run_dir=runs/x", f"storage_path={tmp_path}/root"]).run_location().uri == \
+        str(tmp_path / "root" / "runs" / "x")
+    with pytest.raises(RayRobustError, match="unknown storage scheme 'foo://'"):
+        load_config(None, ["run_dir=foo://bucket/run"])
