@@ -238,6 +238,10 @@ def run_extract(
     ensure_ray()
     use_gpu, gpus = resolve_use_gpu(use_gpu)
     actors = min(num_actors, gpus) if use_gpu else num_actors
+    if isinstance(dataset, ImageSource) and dataset.stream and not use_gpu:
+        from ..raycluster import cluster_cpus
+
+        actors = max(1, min(actors, cluster_cpus() - 1))  # the Parquet/image read tasks need a CPU of their own
     per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
     dim = int(getattr(model, "num_features", 0)) or extract_latents(model, torch.zeros(1, *shape), 1).shape[1]
     rows_per_shard = rows_per_shard or max(256, min(65536, math.ceil(n / 8)))
