@@ -343,11 +343,20 @@ def as_location(where: Where) -> Location:
 
 
 def check_writable(where: Where) -> Location:
-    """The Location of a run directory after proving it can be written: a small probe object is
-    written and removed, so a wrong bucket, endpoint or credential fails before any work starts."""
+    """The Location of a run directory after proving it can be written, so a wrong bucket, endpoint or
+    credential fails before any work starts: in object storage a small probe object is written and
+    removed; on a local disk the nearest existing directory must be writable (nothing is created)."""
     import uuid
 
     loc = as_location(where)
+    if loc.is_local:  # nothing is created: the nearest existing directory must let us create the rest
+        path = Path(loc.path)
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write {loc.uri!r}: {str(path)!r} is not a writable directory; "
+                               f"{_hint('local')}")
+        return loc
     probe = loc / f".rayrobust-probe-{uuid.uuid4().hex[:12]}"
     probe.write_bytes(b"")
     probe.delete()

@@ -264,6 +264,7 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
         # A method's driver-side preparation (srd: semantic artifacts + source weights) fails here, before
         # Ray starts, with its own one-line error; a resumed run takes that state from its checkpoint.
         init = _method_init(cfg) if payload is None else None
+        _drop_stale_ray_record(run_dir / CHECKPOINTS)
         if not cfg.data.streamed:
             _preflight_data(cfg)
         ensure_ray(cfg.ray_address)
@@ -300,6 +301,40 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
                                         "metrics": payload["history"], "provenance": payload["provenance"],
                                         "config": payload["config"]})
     return TrainResult(run_dir, latest, int(payload["epoch"]), list(payload["history"]), resumed_from)
+
+
+RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
+
+
+def _drop_stale_ray_record(checkpoints: Location) -> None:
+    """Remove Ray Train's record of the run when it names a checkpoint that is no longer in storage (one
+    deleted by hand): Ray Train would refuse to start from it. The run then continues from the newest valid
+    checkpoint listed in storage (`_resume_payload`)."""
+    import json
+
+    record = checkpoints / RAY_RECORD
+    try:
+        text = record.read_text()
+    except FileNotFoundError:
+        return
+    names = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "checkpoint_dir_name" and isinstance(value, str):
+                    names.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    try:
+        walk(json.loads(text))
+    except ValueError:
+        names.add("")  # unreadable: stale by definition
+    if any(not name or not (checkpoints / name).exists() for name in names):
+        record.delete()
 
 
 def _method_init(cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
