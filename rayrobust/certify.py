@@ -1,4 +1,4 @@
-"""The ℓ2 robustness certificate of a ClusTR model (METHODS.md §2).
+"""The ℓ2 robustness certificate of a ClusTR model (docs/methods.md §2.5).
 
 **Reconstructed from the paper's statement** (Alfarra et al.; no certificate code is public): a
 nearest-centroid classifier on the latent f(x) keeps its prediction while f(x) stays on the own
@@ -52,7 +52,7 @@ PI_MAX_ITERS = 2000
 PI_MIN_ITERS = 30
 PI_TOL = 1e-9  # relative change of the estimate that ends the power iteration
 DEFAULT_RADII = (0.1, 0.25, 0.5)  # ℓ2, [0,1] pixel units
-CERTIFICATE = "ClusTR l2 certificate, reconstructed from the paper's statement (METHODS.md §2)"
+CERTIFICATE = "ClusTR l2 certificate, reconstructed from the paper's statement (docs/methods.md §2.5)"
 
 
 class CertificateError(RayRobustError):

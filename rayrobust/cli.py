@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="ClusTR l2 certificate: latent radii, Lipschitz bound, certified accuracy",
                        description="Certify a clustr/clustr_qtrades checkpoint on the first N test images (the "
-                                   "certificate is reconstructed from the ClusTR paper, METHODS.md section 2); an L2 "
+                                   "certificate is reconstructed from the ClusTR paper, docs/methods.md section 2.5); an L2 "
                                    "PGD attack inside every certified radius checks it.")
     _common(p)
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: latest in <run_dir>/<method>/checkpoints)")

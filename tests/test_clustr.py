@@ -1,4 +1,4 @@
-"""ClusTR (METHODS.md §2): Magnet loss, per-epoch clusters, smooth cluster logits, QTRADES, and the
+"""ClusTR (docs/methods.md §2): Magnet loss, per-epoch clusters, smooth cluster logits, QTRADES, and the
 reconstructed ℓ2 certificate (Lipschitz bound, certified radii, never broken by an attack)."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_no_clusters_and_too_few_images_are_clear_errors(digits, one_thread):
 
 
 def _reference_magnet(r, y, centroids, cluster_class, alpha):
-    """The Magnet loss of METHODS.md §2 written out per example, in float64."""
+    """The Magnet loss of docs/methods.md §2 written out per example, in float64."""
     r, centroids = r.double(), centroids.double()
     n = len(r)
     assign = []

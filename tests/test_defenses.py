@@ -1,4 +1,4 @@
-"""DRP and SPAT (METHODS.md §3, §4): losses, decision functions, prototypes, weight maps, method state."""
+"""DRP and SPAT (docs/methods.md §3, §4): losses, decision functions, prototypes, weight maps, method state."""
 import math
 
 import pytest

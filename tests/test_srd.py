@@ -1,4 +1,4 @@
-"""SRD (METHODS.md §1.5-1.7): latent-constrained training, purify -> classify decision, BPDA + EOT and
+"""SRD (docs/methods.md §1.5-1.7): latent-constrained training, purify -> classify decision, BPDA + EOT and
 non-adaptive evaluation, pipeline ordering, and the one-line CLI errors when a stage is missing."""
 import copy
 import json

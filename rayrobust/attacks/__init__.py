@@ -1,5 +1,5 @@
 """Attacks: FGSM/PGD for training and quick checks, AutoAttack (sharded by example) for the
-numbers we report, and the sanity checks of EVALUATION.md §4.
+numbers we report, and the sanity checks of docs/evaluation.md §4.
 
     >>> from rayrobust.attacks import ATTACKS
     >>> atk = ATTACKS.create("pgd", model=model, eps=0.1, steps=10, seed=0)

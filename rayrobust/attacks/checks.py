@@ -1,4 +1,4 @@
-"""Sanity checks of EVALUATION.md §4 (after Carlini et al. 2019 and AutoAttack's checks.py).
+"""Sanity checks of docs/evaluation.md §4 (after Carlini et al. 2019 and AutoAttack's checks.py).
 
 Each check returns a `Flag`; `passed=False` means the flag is raised and must be shown next to the
 number it qualifies. Number-level checks take accuracies (fractions in [0,1]); model-level checks

@@ -1,4 +1,4 @@
-"""Adaptive evaluation of a purify → classify defense (METHODS.md §1.7, EVALUATION.md §3).
+"""Adaptive evaluation of a purify → classify defense (docs/methods.md §1.7, docs/evaluation.md §3).
 
 Three attacks on the first `n` evaluation images, each labelled with what it is:
 

@@ -2,7 +2,7 @@
 
 `evaluate(model, dataset, eps=...)` takes any `torch.nn.Module` mapping [0,1] images to logits.
 AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) runs sharded over Ray actors.
-The sanity checks of EVALUATION.md §4 run next to every number; a failed one becomes a flag.
+The sanity checks of docs/evaluation.md §4 run next to every number; a failed one becomes a flag.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training methods behind one interface (METHODS.md §0).
+"""Training methods behind one interface (docs/methods.md §0.1).
 
 A method is an object with `loss(model, x, y) -> (loss, metrics)` and `decision(model) -> nn.Module`,
 the attackable decision function (the model itself for methods that do not change inference).

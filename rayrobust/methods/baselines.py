@@ -1,4 +1,4 @@
-"""Baselines every claim is measured against (METHODS.md §0): standard, PGD-AT, TRADES, FGSM-RS."""
+"""Baselines every claim is measured against (docs/methods.md §0.2): standard, PGD-AT, TRADES, FGSM-RS."""
 from __future__ import annotations
 
 import torch

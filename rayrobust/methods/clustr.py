@@ -1,4 +1,4 @@
-"""ClusTR — clustering training (METHODS.md §2; after Alfarra et al., Magnet loss of Rippel et al. 2016).
+"""ClusTR — clustering training (docs/methods.md §2; after Alfarra et al., Magnet loss of Rippel et al. 2016).
 
 The latent r = model.forward_features(x) is clustered per class (K = `clustr_k` clusters per class,
 k-means on the training latents), and the model is trained with the Magnet loss so that every
@@ -18,8 +18,8 @@ head is unused: the decision is the nearest cluster.
   ℓ_n = max(0, ‖r_n − μ(r_n)‖²/(2σ²) + α + log Σ_{k: class(k) ≠ y_n} exp(−‖r_n − μ_k‖²/(2σ²))),
   α = `clustr_alpha` (12.5 in the released code). A cluster with no member in the batch uses its
   stored centroid (constant) — our choice. Batches are the training loop's plain random batches,
-  not the paper's cluster-sampled ones (seed cluster + nearest impostor clusters): an acceptable
-  first version per METHODS.md, stated here.
+  not the paper's cluster-sampled ones (seed cluster + nearest impostor clusters): our choice,
+  stated in docs/methods.md §2.2.
 - **Decision** (what every attack sees): `ClusterLogits`, logits_c = max_{k in class c}
   −‖f(x) − μ_k‖²/(2σ²) with the stored centroids and σ². Smooth in x, argmax = class of the nearest
   cluster. Never the released code's masked top-L scores, which mask gradients.

@@ -1,4 +1,4 @@
-"""DRP — deep repulsive prototypes (METHODS.md §3; after Serban, Poll, Visser).
+"""DRP — deep repulsive prototypes (docs/methods.md §3; after Serban, Poll, Visser).
 
 Fixed class prototypes P ∈ R^{C×D} on the unit sphere, generated once, deterministically from a
 seed, to be far apart (`make_prototypes`). The model outputs D dims; with f̂ = f(x)/‖f(x)‖ the loss is

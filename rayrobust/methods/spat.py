@@ -1,4 +1,4 @@
-"""SPAT-style training — semantics-preserving adversarial training (METHODS.md §4; after Lee, Lee, Lee).
+"""SPAT-style training — semantics-preserving adversarial training (docs/methods.md §4; after Lee, Lee, Lee).
 
 Only the idea of the paper is public; this is our operational version ("SPAT-style"). Training
 adversarial examples put their budget on pixels *shared among all classes*: PGD-AT where every step

@@ -1,4 +1,4 @@
-"""SRD — latent-constrained adversarial training + purification (METHODS.md §1.5–1.7; after Silva et al.).
+"""SRD — latent-constrained adversarial training + purification (docs/methods.md §1.5–1.7; after Silva et al.).
 
 Training (§1.5). With g_f the latent (`forward_features`) and g the logits of the model being trained,
 μ_k, σ²_k the diagonal Gaussian of cluster k (from the `cluster` stage) and d the latent dimension:

@@ -1,4 +1,4 @@
-"""SRD's semantic latent pipeline (METHODS.md §1): latents -> adaptive clusters -> dictionaries -> purifier.
+"""SRD's semantic latent pipeline (docs/methods.md §1): latents -> adaptive clusters -> dictionaries -> purifier.
 
 Core modules (no Ray): `extract.extract_latents`, `kmeans`, `clustering`, `patches`, `sparse`,
 `dictionaries`, `purify`. Ray wrappers: `extract.run_extract` (Ray Data actor pool),

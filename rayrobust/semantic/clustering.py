@@ -1,4 +1,4 @@
-"""Adaptive per-class clustering of latents (METHODS.md §1, steps 2-3). No Ray here.
+"""Adaptive per-class clustering of latents (docs/methods.md §1.2–1.3). No Ray here.
 
 For each class c, k-means (faiss assignment, `kmeans.py`) for every K in [1, k_max]; K_c is the K>=2
 with the largest silhouette score on a fixed seeded sample of the class (<= `sample_size` points),

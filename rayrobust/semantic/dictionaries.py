@@ -1,4 +1,4 @@
-"""Semantic reconstruction dictionaries (METHODS.md §1.4): one patch dictionary per latent cluster,
+"""Semantic reconstruction dictionaries (docs/methods.md §1.4): one patch dictionary per latent cluster,
 learned on the high-frequency component of that cluster's source images. No Ray here.
 
 Per cluster k: up to `max_images` member images (seeded choice) -> x_high = x - blur(x, sigma_b)

@@ -1,4 +1,4 @@
-"""High/low frequency split and patch (un)folding, all differentiable torch ops (METHODS.md §1.4).
+"""High/low frequency split and patch (un)folding, all differentiable torch ops (docs/methods.md §1.4).
 
     x_low  = GaussianBlur(x, sigma_b)     depthwise conv, reflect padding, radius ceil(3 sigma)
     x_high = x - x_low

@@ -1,4 +1,4 @@
-"""SRD purification at inference (METHODS.md §1.6): a deterministic, differentiable function of x.
+"""SRD purification at inference (docs/methods.md §1.6): a deterministic, differentiable function of x.
 
     z      = feature_model.forward_features(x)                        (N, d)
     k_hat  = argmin_k sum_j (z_j - mu_kj)^2 / sigma2_kj                nearest cluster over ALL classes
@@ -8,7 +8,7 @@
 
 The cluster choice is piecewise constant in x (zero gradient almost everywhere, as it truly is);
 gradients flow through the blur, the unrolled FISTA and the reassembly. Attack
-`PurifiedClassifier(purifier, classifier)` end to end (EVALUATION: adaptive attacks; add BPDA for
+`PurifiedClassifier(purifier, classifier)` end to end (docs/evaluation.md §3: adaptive attacks; add BPDA for
 the cluster choice if you want a stronger one). Nothing is random: same x -> same x_hat.
 
 Example:

@@ -1,6 +1,6 @@
 """`TuneConfig`: the `tune:` section of an experiment config (search space, budget, objective).
 
-The search space names the knobs of METHODS.md "Search space"; each has a fixed valid range and
+The search space names the knobs of docs/methods.md "Search space"; each has a fixed valid range and
 maps onto the experiment config as follows:
 
 | name               | kind                      | valid range        | sets                                   |

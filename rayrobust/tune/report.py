@@ -357,7 +357,7 @@ def write_report(run_dir: Where) -> Location:
     attacks = meta.get("attacks") or {}
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in attacks.items())
     flagged_note = ('<p class="note">Flags (in <span class="flag">red</span>) are failed sanity checks '
-                    "(EVALUATION.md): a flagged number may be gradient masking, and a flagged trial is never selected.</p>")
+                    "(docs/evaluation.md section 4): a flagged number may be gradient masking, and a flagged trial is never selected.</p>")
     body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>rayrobust report: {html.escape(run_dir.name)}</title>
 <style>{_CSS}</style></head><body>
