@@ -277,7 +277,7 @@ def run_extract(
         # Write tasks take no CPU slot: they only move bytes, and the pool's actors may hold every CPU.
         ds.write_parquet(tmp.uri, min_rows_per_file=rows_per_shard, ray_remote_args={"num_cpus": 0})
         seconds = time.perf_counter() - t0
-        shards, nodes, workers = _tally_shards(tmp)
+        shards, nodes, workers = _tally_remote(tmp)
         total = sum(s["rows"] for s in shards)
         if total != n:
             raise LatentError(f"extraction produced {total} rows for {n} images; nothing was written")
@@ -295,6 +295,19 @@ def run_extract(
         write_json(tmp / MANIFEST, manifest)
     _log(verbose, f"latents: {n} x {dim} in {seconds:.1f}s ({n / seconds:.0f} images/s) on {len(nodes)} node(s)")
     return manifest
+
+
+def _tally_remote(directory: Location) -> Tuple[list, Dict[str, int], Dict[str, int]]:
+    """`_tally_shards` in a Ray task, so the driver never holds the per-row node/worker columns (a local
+    directory is read on this node, where it is)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: Dict[str, Any] = {"num_cpus": 0, "max_retries": 2}
+    if directory.is_local:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=False)
+    return tuple(ray.get(ray.remote(_tally_shards).options(**options).remote(directory)))
 
 
 def _tally_shards(directory: Location) -> Tuple[list, Dict[str, int], Dict[str, int]]:
