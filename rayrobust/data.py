@@ -408,17 +408,27 @@ DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_COUNT = 1797
 
 
+def _digits_table() -> np.ndarray:
+    """scikit-learn's bundled digits file, read without importing scikit-learn (seconds in every worker)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits dataset ships with scikit-learn; install it (pip install scikit-learn)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    return np.loadtxt(path, delimiter=",")
+
+
 @DATASETS.register("digits")
 def digits(*, split: str, root: Optional[str] = None, download: bool = False) -> ArrayDataset:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = bunch.images.astype(np.float32) / 16.0  # (1797, 8, 8), grey levels 0..16 -> [0,1]
+    table = _digits_table()  # (1797, 65): 64 grey levels 0..16, then the label
+    images = table[:, :64].reshape(-1, 8, 8).astype(np.float32) / 16.0  # (1797, 8, 8) in [0,1]
+    labels = table[:, 64].astype(np.int64)
     order = np.random.default_rng(DIGITS_SEED).permutation(len(images))
     n_train = int(DIGITS_TRAIN_FRACTION * len(images))  # 1437 train, 360 test
     idx = order[:n_train] if split == "train" else order[n_train:]
     x = torch.from_numpy(images[idx]).unsqueeze(1)  # (N, 1, 8, 8)
-    y = torch.from_numpy(bunch.target[idx].astype(np.int64))  # (N,)
+    y = torch.from_numpy(labels[idx])  # (N,)
     return ArrayDataset(x=x, y=y, num_classes=10, name="digits", mean=(0.3054,), std=(0.3760,),
                         classes=[str(i) for i in range(10)])
 
