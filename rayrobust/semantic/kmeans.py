@@ -1,9 +1,10 @@
 """Lloyd's k-means split into a data side and a driver side, as in faiss's own distributed k-means
 (`faiss/contrib/clustering.py`: a `DatasetAssign` returns per-centroid sums; the driver updates).
 
-- `LatentShard` holds some rows (of every class) and does the assignment step with faiss: for each
-  requested job (class c, centroids C) it returns per-centroid sums, counts, inertia and how many
-  of its rows changed cluster. It can live in this process or inside a Ray actor unchanged.
+- `LatentShard` holds some rows (of every class) and does the assignment step with faiss (with
+  torch, on the GPU when there is one, where faiss is not installed): for each requested job (class c,
+  centroids C) it returns per-centroid sums, counts, inertia and how many of its rows changed
+  cluster. It can live in this process or inside a Ray actor unchanged.
 - `KMeansJob` is the driver side of one k-means run: k-means++ seeding on a fixed sample, the
   centroid update from summed statistics, faiss's empty-cluster split, the stopping rule.
 
@@ -16,21 +17,42 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import faiss
 import numpy as np
-import scipy.sparse as sp
 
 StepStats = Tuple[np.ndarray, np.ndarray, float, int]  # sums (K, d) f64, counts (K,) i64, inertia, changed
+TORCH_BLOCK = 1 << 24  # distance-matrix entries (rows x centroids) per block of the torch assignment step
+
+
+@functools.lru_cache(maxsize=None)
+def _faiss():
+    """The faiss module, or None when it is not installed (the assignment step then runs in torch)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
 
 
 @contextlib.contextmanager
 def faiss_threads(n: Optional[int]) -> Iterator[None]:
-    """Run faiss with n OpenMP threads (None = leave as is). One thread per CPU a Ray actor owns:
-    faiss's OpenMP threads spin, and on a busy machine 2 threads can be 100x slower than 1."""
+    """Run faiss (or, without faiss, torch on the CPU) with n threads (None = leave as is). One thread per
+    CPU a Ray actor owns: faiss's OpenMP threads spin, and on a busy machine 2 threads can be 100x slower than 1."""
     if not n:
         yield
+        return
+    faiss = _faiss()
+    if faiss is None:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
         return
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n)
@@ -40,12 +62,35 @@ def faiss_threads(n: Optional[int]) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def _nearest_torch(x: np.ndarray, centroids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """faiss.knn(x, centroids, 1) in torch (GPU when present): ||x||^2 - 2 x.c + ||c||^2 in float32,
+    clamped at 0 as faiss does, in blocks of rows. x (N, d), centroids (K, d) -> (labels (N,), dist (N,))."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    c = torch.tensor(centroids, device=device)  # (K, d)
+    c_sq = (c * c).sum(1)  # (K,)
+    labels, dist = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+    rows = max(1, TORCH_BLOCK // max(1, len(c)))
+    for s in range(0, len(x), rows):
+        xb = torch.tensor(x[s:s + rows], device=device)  # (B, d), a copy: x may be read-only
+        d2 = ((xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + c_sq).clamp_(min=0)  # (B, K)
+        best, idx = d2.min(1)
+        labels[s:s + len(xb)], dist[s:s + len(xb)] = idx.cpu().numpy(), best.cpu().numpy()
+    return labels, dist
+
+
 def nearest(x: np.ndarray, centroids: np.ndarray, threads: Optional[int] = 1) -> Tuple[np.ndarray, np.ndarray]:
-    """(labels (N,) int64, squared L2 distances (N,) float32) of each row's nearest centroid (faiss)."""
+    """(labels (N,) int64, squared L2 distances (N,) float32) of each row's nearest centroid (faiss; torch,
+    on the GPU when there is one, where faiss is not installed)."""
     if len(x) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    x, centroids = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(centroids, np.float32)
+    faiss = _faiss()
     with faiss_threads(threads):
-        dist, idx = faiss.knn(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(centroids, np.float32), 1)
+        if faiss is None:
+            return _nearest_torch(x, centroids)
+        dist, idx = faiss.knn(x, centroids, 1)
     return idx[:, 0].astype(np.int64), dist[:, 0]
 
 
@@ -56,6 +101,8 @@ def cluster_sums(x64: np.ndarray, labels: np.ndarray, k: int) -> Tuple[np.ndarra
     split into shards. A sparse (k, N) indicator product: N*d adds, single-threaded, ~3x faster
     than a dense one-hot matmul.
     """
+    import scipy.sparse as sp
+
     n = len(labels)
     indicator = sp.csc_matrix((np.ones(n), np.asarray(labels, np.int64), np.arange(n + 1)), shape=(k, n))  # (k, N)
     return np.asarray(indicator @ x64), np.bincount(labels, minlength=k).astype(np.int64)
