@@ -12,6 +12,9 @@ renamed into place; an object store makes an object visible only once it is comp
 directories (latents, clusters, ...) are committed by their manifest, written last
 (`semantic/artifacts.py`).
 
+Without pyarrow installed, local paths (and file:// URIs) still work, through plain file IO; only
+object storage needs pyarrow.
+
 Example:
     >>> run = Location("s3://my-bucket/runs/demo")
     >>> (run / "summary.json").write_text("{}")
@@ -20,11 +23,17 @@ Example:
 """
 from __future__ import annotations
 
+import enum
+import functools
 import os
+import shutil
+import stat
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Tuple, Union
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import StorageError
 
@@ -74,13 +83,105 @@ def check_syntax(text: str) -> Tuple[str, str, str, str]:
     return scheme, bucket, str(PurePosixPath(rest)).rstrip("/"), query
 
 
+class _FileType(enum.IntEnum):
+    """pyarrow.fs.FileType's members and values."""
+
+    NotFound = 0
+    Unknown = 1
+    File = 2
+    Directory = 3
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    path: str
+    type: _FileType
+    size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class _FileSelector:
+    base_dir: str
+    allow_not_found: bool = False
+    recursive: bool = False
+
+
+class _PlainLocalFileSystem:
+    """What `Location` uses of pyarrow.fs.LocalFileSystem, in plain file IO (when pyarrow is not installed)."""
+
+    def get_file_info(self, what: Union[str, _FileSelector]) -> Union[_FileInfo, List[_FileInfo]]:
+        return self._select(what) if isinstance(what, _FileSelector) else self._info(what)
+
+    @staticmethod
+    def _info(path: str) -> _FileInfo:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return _FileInfo(path, _FileType.NotFound)
+        if stat.S_ISDIR(st.st_mode):
+            return _FileInfo(path, _FileType.Directory)
+        if stat.S_ISREG(st.st_mode):
+            return _FileInfo(path, _FileType.File, st.st_size)
+        return _FileInfo(path, _FileType.Unknown)
+
+    def _select(self, selector: _FileSelector) -> List[_FileInfo]:
+        base = selector.base_dir
+        if not os.path.isdir(base):
+            if selector.allow_not_found and not os.path.exists(base):
+                return []
+            raise FileNotFoundError(base) if not os.path.exists(base) else NotADirectoryError(base)
+        if not selector.recursive:
+            return [self._info(os.path.join(base, name)) for name in os.listdir(base)]
+        return [self._info(os.path.join(root, name)) for root, dirs, files in os.walk(base) for name in dirs + files]
+
+    def open_input_stream(self, path: str):
+        return open(path, "rb")
+
+    def open_input_file(self, path: str):
+        return open(path, "rb")
+
+    def open_output_stream(self, path: str):
+        return open(path, "wb")
+
+    def create_dir(self, path: str, recursive: bool = True) -> None:
+        if recursive:
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.mkdir(path)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        shutil.copyfile(src, dest)
+
+    def delete_dir(self, path: str) -> None:
+        shutil.rmtree(path)
+
+    def delete_file(self, path: str) -> None:
+        os.remove(path)
+
+
+_PLAIN_FS = SimpleNamespace(FileType=_FileType, FileSelector=_FileSelector, LocalFileSystem=_PlainLocalFileSystem)
+
+
+@functools.lru_cache(maxsize=None)
+def _fs_module() -> Any:
+    """pyarrow.fs, or a plain-file-IO stand-in for local paths when pyarrow is not installed."""
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        return _PLAIN_FS
+    return pafs
+
+
 def _remote_fs(uri: str) -> Tuple[Any, str]:
     """(filesystem, path) of a URI, one filesystem object per (scheme, bucket, options)."""
-    import pyarrow.fs as pafs
-
     scheme, bucket, path, query = check_syntax(uri)
     if scheme == "local":
-        return pafs.LocalFileSystem(), path
+        return _fs_module().LocalFileSystem(), path
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        raise StorageError(f"cannot open {uri!r}: object storage needs pyarrow (pip install pyarrow); "
+                           f"a local path works without it") from None
     key = (scheme, bucket, query)
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
@@ -113,9 +214,7 @@ class Location:
             self.scheme = scheme
             self._query = text.partition("?")[2] if scheme != "local" else ""
         else:
-            import pyarrow.fs as pafs
-
-            self.fs, self.path = pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+            self.fs, self.path = _fs_module().LocalFileSystem(), str(Path(text).expanduser().absolute())
             self.scheme, self._query = "local", ""
 
     @classmethod
@@ -190,18 +289,15 @@ class Location:
             raise self._error("read", e) from None
 
     def exists(self) -> bool:
-        import pyarrow.fs as pafs
-
+        pafs = _fs_module()
         return self._info().type != pafs.FileType.NotFound
 
     def is_file(self) -> bool:
-        import pyarrow.fs as pafs
-
+        pafs = _fs_module()
         return self._info().type == pafs.FileType.File
 
     def is_dir(self) -> bool:
-        import pyarrow.fs as pafs
-
+        pafs = _fs_module()
         return self._info().type == pafs.FileType.Directory
 
     def size(self) -> int:
@@ -213,14 +309,12 @@ class Location:
 
     def files(self) -> List[Tuple[str, int]]:
         """(path relative to this directory, size) of every file below it, sorted ([] when none)."""
-        import pyarrow.fs as pafs
-
+        pafs = _fs_module()
         return [(PurePosixPath(i.path).relative_to(PurePosixPath(self.path)).as_posix(), int(i.size or 0))
                 for i in self._list(recursive=True) if i.type == pafs.FileType.File]
 
     def _list(self, *, recursive: bool) -> list:
-        import pyarrow.fs as pafs
-
+        pafs = _fs_module()
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
         except Exception as e:
@@ -321,8 +415,7 @@ class Location:
 
     def delete(self) -> None:
         """Remove this file or directory tree; nothing happens when it does not exist."""
-        import pyarrow.fs as pafs
-
+        pafs = _fs_module()
         kind = self._info().type
         try:
             if kind == pafs.FileType.Directory:
