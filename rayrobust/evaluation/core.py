@@ -1,7 +1,8 @@
 """Honest evaluation of any classifier: clean, PGD (labelled weaker) and AutoAttack accuracy, with flags.
 
 `evaluate(model, dataset, eps=...)` takes any `torch.nn.Module` mapping [0,1] images to logits.
-AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) runs sharded over Ray actors.
+AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) runs sharded over Ray actors, or with
+`backend="local"` in this process without Ray (the same chunks and seeds, so the same result).
 The sanity checks of docs/evaluation.md §4 run next to every number; a failed one becomes a flag.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..io import provenance, write_json
 from ..location import Where, as_location
 
 DatasetLike = Union[str, Tuple[torch.Tensor, torch.Tensor], Any]
+BACKENDS = ("ray", "local")  # where AutoAttack runs: sharded over Ray actors, or in this process
 
 
 def _as_tensors(dataset: DatasetLike, n: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
@@ -51,12 +53,15 @@ def _pgd_accuracy(model: nn.Module, x, y, *, eps, norm, steps, restarts, seed, b
     return accuracy(model, x, y, batch_size), robust_accuracy(model, attack, x, y, batch_size)
 
 
-def _on_accelerator(fn, *args, **kwargs):
-    """Run `fn` here when this process has a GPU or the cluster has none; otherwise as a Ray task on
-    one of the cluster's GPUs (a CPU-only head node drives a GPU cluster)."""
-    if torch.cuda.is_available():
+def _on_accelerator(fn, *args, backend: str = "ray", **kwargs):
+    """Run `fn` here when this process has a GPU, the cluster has none or `backend` is "local"; otherwise as a
+    Ray task on one of the cluster's GPUs (a CPU-only head node drives a GPU cluster)."""
+    if torch.cuda.is_available() or backend == "local":
         return fn(*args, **kwargs)
-    import ray
+    try:
+        import ray
+    except ImportError:  # without Ray there is no cluster to send it to
+        return fn(*args, **kwargs)
 
     if not ray.is_initialized() or ray.cluster_resources().get("GPU", 0) < 1:
         return fn(*args, **kwargs)
@@ -66,6 +71,14 @@ def _on_accelerator(fn, *args, **kwargs):
         return fn(*moved, **kw)
 
     return ray.get(ray.remote(num_gpus=1)(on_gpu).remote(*args, **kwargs))
+
+
+def _require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("backend='ray' needs Ray installed (pip install 'ray[default]'); backend='local' runs "
+                          "AutoAttack in this process without it") from None
 
 
 def _printer(enabled: bool, label: str):
@@ -95,30 +108,40 @@ def evaluate(
     label: str = "model",
     ray_address: Optional[str] = None,
     verbose: bool = True,
+    backend: str = "ray",
 ) -> Dict[str, Any]:
     """Evaluate `model` (logits from [0,1] images) on the first `n` test images.
+
+    `backend="ray"` shards AutoAttack over `num_shards` Ray actors (connecting to `ray_address`, RAY_ADDRESS
+    or a new local cluster); `backend="local"` runs it in this process without Ray, chunk by chunk with the
+    same chunks and seeds, so both give the same per-image result (on the same device and torch threads).
 
     Example:
         >>> res = rayrobust.evaluate(my_model, "fashion_mnist", eps=0.1, n=500, n_autoattack=100)
         >>> res["autoattack_acc"], res["flags"]
+        >>> res = rayrobust.evaluate(my_model, (x, y), eps=0.1, n=500, n_autoattack=100, backend="local")
     """
-    from ..raycluster import ensure_ray
-    from .sharded import sharded_autoattack
+    from .sharded import local_autoattack, sharded_autoattack
 
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is unknown; use one of {', '.join(repr(b) for b in BACKENDS)}")
     if not 0 < eps <= 1:
         raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
     if not 0 <= n_autoattack <= n:
         raise ConfigError(f"n_autoattack={n_autoattack} must be between 0 and n={n}")
     x, y, ds_name = _as_tensors(dataset, n)
     _validate_inputs(x, y)
-    if n_autoattack:
+    if n_autoattack and backend == "ray":
+        _require_ray()
+        from ..raycluster import ensure_ray
+
         ensure_ray(ray_address)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
     t0 = time.perf_counter()
     clean_acc, pgd_acc = _on_accelerator(_pgd_accuracy, model, x, y, eps=eps, norm=norm, steps=pgd_steps,
-                                         restarts=pgd_restarts, seed=seed, batch_size=batch_size)
+                                         restarts=pgd_restarts, seed=seed, batch_size=batch_size, backend=backend)
     if verbose:
         print(f"  [{label}] clean {clean_acc:.4f}  PGD-{pgd_steps} {pgd_acc:.4f}  (n={len(x)}, {time.perf_counter() - t0:.1f}s)",
               file=sys.stderr, flush=True)
@@ -132,13 +155,17 @@ def evaluate(
     flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
     if n_autoattack:
         xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
-        aa = sharded_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
-                                chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
+        if backend == "local":
+            aa = local_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
+                                  chunk_size=chunk_size, progress=_printer(verbose, label))
+        else:
+            aa = sharded_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
+                                    chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
         model.to(device)
         summary = summarize_autoattack(aa["broken_by"], attacks_for(version))
         result["autoattack_acc"] = summary["robust"]
         result["autoattack"] = {"version": version, "per_attack": summary, "seed": seed, "n": n_autoattack,
-                                "num_shards": aa["num_shards"], "chunk_size": chunk_size,
+                                "backend": backend, "num_shards": aa["num_shards"], "chunk_size": chunk_size,
                                 "seconds": aa["seconds"], "workers": aa["workers"], "nodes": aa["nodes"]}
         flags.append(check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}))
         # AutoAttack's own tolerance (0.002), but never below one example: one point Square breaks
@@ -151,7 +178,7 @@ def evaluate(
         n_checks = min(len(x), max(n_autoattack, 200))
         t_checks = time.perf_counter()
         model_flags, measurements = _on_accelerator(run_model_checks, model, x[:n_checks], y[:n_checks], eps=eps,
-                                                    norm=norm, seed=seed, batch_size=batch_size)
+                                                    norm=norm, seed=seed, batch_size=batch_size, backend=backend)
         flags += model_flags
         result["measurements"] = measurements
         if verbose:

@@ -5,6 +5,8 @@ The examples are cut into fixed chunks by global index and chunk k is attacked w
 actor runs which chunk: a sharded run equals an unsharded one. Actors pull chunks from a queue
 (faster actors take more) and are spread over the cluster's nodes; a lost actor is restarted by Ray
 (on any node with room) and its chunk retried, with the same seed, so the result is unchanged.
+`local_autoattack` runs the same chunks with the same seeds one after another in this process, without
+Ray (`rayrobust.evaluate(..., backend="local")`), and so gives the same result.
 """
 from __future__ import annotations
 
@@ -31,9 +33,12 @@ class AutoAttackWorker:
     def attack(self, chunk_index: int, start: int, stop: int, seed: int) -> tuple:
         import os
 
-        broken = autoattack_chunk(self.model, self.x[start:stop].to(self.device), self.y[start:stop].to(self.device),
-                                  seed=chunk_seed(seed, chunk_index), device=self.device, **self.kwargs)
-        return chunk_index, broken, os.getpid(), _node_id()
+        return chunk_index, self.attack_chunk(chunk_index, start, stop, seed), os.getpid(), _node_id()
+
+    def attack_chunk(self, chunk_index: int, start: int, stop: int, seed: int) -> List[Optional[str]]:
+        """Per-example outcome of chunk `chunk_index` (examples start..stop) of a run seeded with `seed`."""
+        return autoattack_chunk(self.model, self.x[start:stop].to(self.device), self.y[start:stop].to(self.device),
+                                seed=chunk_seed(seed, chunk_index), device=self.device, **self.kwargs)
 
     def pid(self) -> int:
         import os
@@ -111,3 +116,33 @@ def sharded_autoattack(
             ray.kill(actor)
     return {"broken_by": broken, "workers": workers, "nodes": nodes, "seconds": time.perf_counter() - t0,
             "num_shards": num_shards, "chunk_size": chunk_size}
+
+
+def local_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "Linf",
+    version: str = "standard",
+    attacks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    chunk_size: int = 50,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Dict:
+    """`sharded_autoattack` in this process, without Ray: the same chunks with the same seeds, one after another
+    on this process's device and torch threads. x (N,C,H,W) in [0,1], y (N,); returns the same dict (one worker)."""
+    import os
+
+    plan = chunk_plan(len(x), chunk_size)
+    kwargs = {"eps": eps, "norm": norm, "version": version, "attacks": list(attacks) if attacks else None}
+    worker = AutoAttackWorker(model, x.cpu(), y.cpu(), kwargs)
+    broken: List[Optional[str]] = [None] * len(x)
+    t0 = time.perf_counter()
+    for k, (s, e) in enumerate(plan):
+        broken[s:e] = worker.attack_chunk(k, s, e, seed)
+        if progress:
+            progress(k + 1, len(plan))
+    return {"broken_by": broken, "workers": {str(os.getpid()): len(x)} if plan else {}, "nodes": {},
+            "seconds": time.perf_counter() - t0, "num_shards": 1, "chunk_size": chunk_size}
