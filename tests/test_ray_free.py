@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import rayrobust
 import rayrobust.evaluation.sharded as sharded
-from rayrobust.errors import ConfigError
+import rayrobust.location as location
+from rayrobust.errors import ConfigError, StorageError
 from rayrobust.models import create_model
+from rayrobust.semantic import kmeans
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("ray", "faiss", "optuna", "pyarrow")
@@ -143,3 +146,49 @@ def test_bad_backend_is_a_one_line_config_error(digits_model, digits):
     with pytest.raises(ConfigError, match=r"backend='gpu' is unknown; use one of 'ray', 'local'") as err:
         rayrobust.evaluate(digits_model, (test.x, test.y), eps=0.1, n=10, n_autoattack=5, backend="gpu")
     assert "\n" not in str(err.value)
+
+
+def test_torch_assignment_step_equals_faiss(monkeypatch):
+    rng = np.random.RandomState(0)
+    x, centroids = rng.randn(3000, 16).astype(np.float32), rng.randn(9, 16).astype(np.float32)
+    labels, dist = kmeans.nearest(x, centroids)
+    monkeypatch.setattr(kmeans, "_faiss", lambda: None)
+    monkeypatch.setattr(kmeans, "TORCH_BLOCK", 9 * 700)  # several blocks of rows
+    labels_t, dist_t = kmeans.nearest(x, centroids)
+    assert labels_t.dtype == np.int64 and dist_t.dtype == np.float32
+    assert (labels_t == labels).all() and np.allclose(dist_t, dist, rtol=1e-5, atol=1e-4)
+
+
+def _storage_walk(root: str) -> list:
+    """A run through what Location does to a local directory; what it saw, with `root` left out."""
+    run = location.Location(root) / "run"
+    seen = [run.exists()]
+    (run / "a" / "x.json").write_text("{}")
+    (run / "b.txt").write_text("hi")
+    (run / "c").mkdir()
+    seen += [[p.name for p in run.iterdir()], run.files(), (run / "b.txt").is_file(), run.is_dir(), (run / "b.txt").size()]
+    (run / "b.txt").copy_to(run / "d" / "b2.txt")
+    (run / "b.txt").copy_to(location.Location(os.path.join(root, "run", "e.txt")))
+    (run / "f.bin").upload(os.path.join(root, "run", "b.txt"))
+    with (run / "f.bin").open_input() as f:
+        seen.append(f.read())
+    (run / "a").delete()
+    (run / "b.txt").delete()
+    (run / "absent").delete()
+    seen += [run.files(), location.Location(f"file://{root}/run").files(), (run / "absent").iterdir()]
+    with pytest.raises(FileNotFoundError):
+        (run / "absent").read_bytes()
+    return seen
+
+
+def test_local_paths_work_without_pyarrow(tmp_path, monkeypatch):
+    with_pyarrow = _storage_walk(str(tmp_path / "arrow"))
+    monkeypatch.setattr(location, "_fs_module", lambda: location._PLAIN_FS)
+    assert _storage_walk(str(tmp_path / "plain")) == with_pyarrow
+    assert isinstance(location.Location(tmp_path).fs, location._PlainLocalFileSystem)
+
+
+def test_object_storage_without_pyarrow_is_a_storage_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.fs", None)  # `import pyarrow.fs` fails
+    with pytest.raises(StorageError, match="object storage needs pyarrow"):
+        location.Location("s3://rayrobust-bucket/run")
