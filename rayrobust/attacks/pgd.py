@@ -270,12 +270,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     if len(x) == 0:
         return float("nan")
     device = model_device(model, x.device)
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device, read once
     with torch.no_grad():
         for s in _batches(len(x), batch_size):
             pred = model(x[s].to(device)).argmax(1)
-            correct += (pred == y[s].to(device)).sum().item()
-    return correct / len(x)
+            correct += (pred == y[s].to(device)).sum()
+    return correct.item() / len(x)
 
 
 def robust_accuracy(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor,
@@ -284,10 +284,10 @@ def robust_accuracy(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.
     if len(x) == 0:
         return float("nan")
     device = model_device(model, x.device)
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device, read once
     for s in _batches(len(x), batch_size):
         xb, yb = x[s].to(device), y[s].to(device)
         x_adv = attack.perturb(xb, yb)
         with torch.no_grad():
-            correct += (model(x_adv).argmax(1) == yb).sum().item()
-    return correct / len(x)
+            correct += (model(x_adv).argmax(1) == yb).sum()
+    return correct.item() / len(x)

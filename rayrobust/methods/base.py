@@ -32,6 +32,8 @@ class Method:
     adversarial = False  # True when training generates adversarial examples
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """(scalar loss with gradient, metrics): metric values are detached 0-d tensors on the batch's device
+        (or floats), so a training step needs no host-device sync; the loop averages them once per epoch."""
         raise NotImplementedError
 
     def decision(self, model: nn.Module) -> nn.Module:

@@ -9,8 +9,9 @@ from .base import METHODS, Method
 from .perturb import attack_mode, ce_objective, kl_objective, linf_pgd
 
 
-def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of logits (N, classes) whose argmax is y (N,), a 0-d tensor on their device (no host sync)."""
+    return (logits.argmax(1) == y).float().mean().detach()
 
 
 class _Adversarial(Method):

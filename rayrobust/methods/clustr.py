@@ -244,7 +244,7 @@ class ClusTR(Method):
         with torch.no_grad():
             d_stored = squared_distances(r, stored)
             assign = d_stored.masked_fill(~own, float("inf")).argmin(1)  # (N,) own cluster
-            acc = (cc[d_stored.argmin(1)] == y).float().mean().item()
+            acc = (cc[d_stored.argmin(1)] == y).float().mean()
         counts = torch.bincount(assign, minlength=len(stored)).to(r.dtype)  # (C·K,)
         sums = torch.zeros_like(stored).index_add_(0, assign, r)  # float32 even under autocast (no matmul)
         batch_means = sums / counts.clamp_min(1)[:, None]
@@ -306,8 +306,8 @@ class ClusTRQTRADES(ClusTR):
         loss = magnet + self.weight * consistency
         if anchor is not None:
             loss = loss + 0.0 * anchor.float().sum()
-        metrics.update({"magnet": magnet.item(), "consistency": consistency.item(),
-                        "train_adv_acc": (logits_adv.argmax(1) == y).float().mean().item()})
+        metrics.update({"magnet": magnet.detach(), "consistency": consistency.detach(),
+                        "train_adv_acc": (logits_adv.argmax(1) == y).float().mean().detach()})
         return loss, metrics
 
 

@@ -176,7 +176,7 @@ class DRP(Method):
 
     def loss(self, model, x, y):
         loss, logits = self.prototype_loss(model(x), y)
-        return loss, {"train_acc": (logits.argmax(1) == y).float().mean().item()}
+        return loss, {"train_acc": (logits.argmax(1) == y).float().mean().detach()}
 
 
 @METHODS.register("drp_at")
@@ -200,4 +200,4 @@ class DRPAT(DRP):
             x_adv = linf_pgd(self.decision(bare), x, ce_objective(y), eps=self.eps,
                              step=2.5 * self.eps / self.steps, steps=self.steps)
         loss, logits = self.prototype_loss(model(x_adv), y)
-        return loss, {"train_adv_acc": (logits.argmax(1) == y).float().mean().item()}
+        return loss, {"train_adv_acc": (logits.argmax(1) == y).float().mean().detach()}

@@ -47,7 +47,7 @@ class Saturated(Method):
     def loss(self, model, x, y):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        return loss, {"train_acc": (logits.argmax(1) == y).float().mean().item()}
+        return loss, {"train_acc": (logits.argmax(1) == y).float().mean().detach()}
 
     def decision(self, model: nn.Module) -> nn.Module:
         return ScaledLogits(model, self.scale)

@@ -123,4 +123,4 @@ class SPAT(_Adversarial):
                              steps=self.steps, weight=w)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
-        return loss, {"train_adv_acc": _accuracy(logits, y), "spat_mean_w": w.mean().item()}
+        return loss, {"train_adv_acc": _accuracy(logits, y), "spat_mean_w": w.mean().detach()}

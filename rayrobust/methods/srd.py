@@ -175,7 +175,7 @@ class SRD(Method):
         ce = F.cross_entropy(logits, y)
         latent = self.latent_constraint(captured["z"], k_star).mean()
         loss = ce + self.lam * latent
-        return loss, {"train_adv_acc": _accuracy(logits, y), "srd_ce": ce.item(), "srd_latent": latent.item()}
+        return loss, {"train_adv_acc": _accuracy(logits, y), "srd_ce": ce.detach(), "srd_latent": latent.detach()}
 
     # --- inference ----------------------------------------------------------------------------------
     def purifier(self, model: nn.Module):

@@ -7,7 +7,6 @@ Streamed (`train_epoch_stream`): batches of uint8 images from a Ray Data shard
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
@@ -54,16 +53,61 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
 
 
-def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               *, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, Dict[str, float]]:
-    """One optimisation step of `method` on a batch; returns (loss, method metrics)."""
+def _step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          amp_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """One optimisation step; returns (detached 0-d loss, method metrics) on the batch's device, no host sync."""
     model.train()
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss, metrics = method.loss(model, x, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item(), metrics
+    return loss.detach(), metrics
+
+
+def _as_float(v: Any) -> float:
+    return v.item() if isinstance(v, torch.Tensor) else float(v)
+
+
+def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               *, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, Dict[str, float]]:
+    """One optimisation step of `method` on a batch x (B,C,H,W) in [0,1], y (B,); returns (loss, method metrics)
+    as Python floats. The epoch loops use the sync-free step and read the device once per log line."""
+    loss, metrics = _step(model, method, optimizer, x, y, amp_dtype)
+    return loss.item(), {k: _as_float(v) for k, v in metrics.items()}
+
+
+class _Sums:
+    """Running float64 sums of per-step values (0-d tensors on the device, or floats), read on the host only
+    when asked: the sums equal Python's float additions of the values' `.item()`s in the same order."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step whose loss is not finite
+
+    def add(self, step: int, values: Dict[str, Any]) -> None:
+        loss = values["loss"]
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        for k, v in values.items():
+            v = v.detach().to(self.device, torch.float64) if isinstance(v, torch.Tensor) else \
+                torch.tensor(float(v), dtype=torch.float64, device=self.device)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def check(self, epoch: int) -> None:
+        """Raise FloatingPointError naming the first step whose loss was NaN or infinite (one host sync)."""
+        step = int(self.first_bad.item())
+        if step >= 0:
+            raise FloatingPointError(f"training loss became non-finite at epoch {epoch + 1} step {step}; lower train.lr")
+
+    def means(self, steps: int) -> Dict[str, float]:
+        """{name: sum / steps} as floats (one host sync for all values)."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys]).tolist()
+        return {k: t / max(1, steps) for k, t in zip(keys, totals)}
 
 
 def train_epoch(
@@ -99,7 +143,7 @@ def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimi
     """One epoch's optimisation over (x in [0,1], y) batches: the one-cycle schedule, the method's step, mean
     metrics. Trains exactly `steps` batches; later ones are read and dropped (a stream's epoch must end)."""
     total_steps = epochs * steps
-    sums: Dict[str, float] = {}
+    sums = _Sums(device)
     start = time.perf_counter()
     report_every = max(1, steps // 4)
     done = 0
@@ -112,18 +156,17 @@ def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimi
         y = y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, metrics = train_step(model, method, optimizer, x, y, amp_dtype=amp_dtype)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at epoch {epoch + 1} step {done}; lower train.lr")
-        for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + v
+        loss, metrics = _step(model, method, optimizer, x, y, amp_dtype)
+        sums.add(done, {"loss": loss, **metrics})  # on the device: no host sync per step
         done += 1
         if log and done % report_every == 0 and done < steps:
-            log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {sums['loss'] / done:.4f}")
+            sums.check(epoch)
+            log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {sums.means(done)['loss']:.4f}")
     if done < steps:
         raise RuntimeError(f"the data ended after {done} of {steps} batches in epoch {epoch + 1}")
+    sums.check(epoch)
+    out = sums.means(steps)
     seconds = time.perf_counter() - start
-    out = {k: v / max(1, steps) for k, v in sums.items()}
     out["images_per_s"] = steps * batch_size / max(seconds, 1e-9)  # global images (all workers)
     out["epoch_seconds"] = seconds
     return out
