@@ -62,12 +62,12 @@ def faiss_threads(n: Optional[int]) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def _nearest_torch(x: np.ndarray, centroids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """faiss.knn(x, centroids, 1) in torch (GPU when present): ||x||^2 - 2 x.c + ||c||^2 in float32,
-    clamped at 0 as faiss does, in blocks of rows. x (N, d), centroids (K, d) -> (labels (N,), dist (N,))."""
+def _nearest_torch(x: np.ndarray, centroids: np.ndarray, device: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """faiss.knn(x, centroids, 1) in torch (on `device`; default the GPU when present): ||x||^2 - 2 x.c + ||c||^2
+    in float32, clamped at 0 as faiss does, in blocks of rows. x (N, d), centroids (K, d) -> (labels (N,), dist (N,))."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     c = torch.tensor(centroids, device=device)  # (K, d)
     c_sq = (c * c).sum(1)  # (K,)
     labels, dist = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
