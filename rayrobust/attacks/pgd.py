@@ -68,7 +68,7 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def _linf_start(x, eps, gen):
-    u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    u = torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)  # drawn on the CPU: the same on every device
     return x + eps * (2 * u - 1)  # uniform in the L∞ ball
 
 
@@ -82,9 +82,9 @@ def _linf_project(x_adv, x, eps):
 
 def _l2_start(x, eps, gen):
     d = x[0].numel()
-    direction = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    direction = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)  # CPU draws, as in _linf_start
     direction = direction / (_flat_norm(direction) + 1e-12)
-    u = torch.rand((x.shape[0],), generator=gen, device=x.device, dtype=x.dtype)
+    u = torch.rand((x.shape[0],), generator=gen, dtype=x.dtype).to(x.device)
     radius = eps * u.pow(1.0 / d)  # uniform in the L2 ball (volume-weighted radius)
     return x + direction * radius.view(-1, *([1] * (x.dim() - 1)))
 
@@ -167,8 +167,9 @@ class Attack:
 
     eps: budget in [0,1] pixel units. step_size: per step, default 2.5*eps/steps (Madry et al.).
     restarts: per example, the first restart that fools the model wins, else the highest loss.
-    seed: seeds a private torch.Generator (the global RNG is untouched); it fixes the sequence of
-    random starts over successive `perturb` calls of this object.
+    seed: seeds a private CPU torch.Generator (the global RNG is untouched); it fixes the sequence of
+    random starts over successive `perturb` calls of this object, and they are the same on every device
+    (drawn on the CPU, then moved), so CPU and GPU runs differ only by float rounding.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", steps: int = 10,
@@ -193,9 +194,9 @@ class Attack:
                 f"restarts={self.restarts}, step_size={self.step_size:.4g}, "
                 f"random_start={self.random_start}, loss={self.loss}, seed={self.seed})")
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device).manual_seed(self.seed)
+    def _generator(self) -> torch.Generator:
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
         return self._gen
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -220,7 +221,7 @@ class Attack:
         """One restart: returns (x_adv, per-example loss, per-example fooled)."""
         x_adv = x
         if self.random_start:
-            x_adv = self._start(x, self.eps, self._generator(x.device)).clamp(0, 1)
+            x_adv = self._start(x, self.eps, self._generator()).clamp(0, 1)
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             loss = self._loss_fn(self.model(x_adv), y, clean_logits).sum()
