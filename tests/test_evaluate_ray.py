@@ -17,12 +17,12 @@ EPS = 0.1
 @pytest.fixture(scope="module")
 def aa_data(digits):
     _, test = digits
-    return test.x[:60], test.y[:60]
+    return test.x[:30], test.y[:30]
 
 
 def test_sharded_equals_unsharded(ray_cluster, digits_model, aa_data):
     x, y = aa_data
-    kwargs = dict(eps=EPS, seed=3, chunk_size=15)
+    kwargs = dict(eps=EPS, seed=3, chunk_size=10)
     two = sharded_autoattack(digits_model, x, y, num_shards=2, **kwargs)
     one = sharded_autoattack(digits_model, x, y, num_shards=1, **kwargs)
     assert two["num_shards"] == 2 and len(two["workers"]) == 2  # both actors took chunks
@@ -30,7 +30,7 @@ def test_sharded_equals_unsharded(ray_cluster, digits_model, aa_data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors' thread count, so float reductions match exactly
     try:
-        local = run_autoattack(digits_model, x, y, chunk_size=15, eps=EPS, seed=3)
+        local = run_autoattack(digits_model, x, y, chunk_size=10, eps=EPS, seed=3)
     finally:
         torch.set_num_threads(threads)
     assert local == two["broken_by"]

@@ -96,12 +96,16 @@ def _report_checkpoint(metrics: Dict[str, Any], payload: Dict[str, Any], epoch: 
 
 
 def _worker_loop(loop_config: Dict[str, Any]) -> None:
+    import os
+
+    import ray
     import ray.train
     import ray.train.torch
 
     from ..data import load_dataset
     from ..methods import create_method, method_kwargs
     from ..models import create_model
+    from .devices import bind_device, worker_device
     from .loop import Split, make_optimizer, stream_batches, train_epoch, train_epoch_stream, train_val_split, validate
     from .stream import check_streamable, load_validation
 
@@ -111,7 +115,10 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    # This rank's own GPU (the rule of ray.train.torch.get_device()), made the current CUDA device so kernels,
+    # NCCL and CUDA generators do not default to cuda:0; the CPU when Ray assigned no GPU.
+    device = bind_device(worker_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                       device_count=torch.cuda.device_count()))
     nodes = _worker_nodes(world, device)  # node id of every rank, for provenance
     log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
 
