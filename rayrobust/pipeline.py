@@ -35,6 +35,9 @@ def summary_row(res: Dict[str, Any]) -> Dict[str, Any]:
     row = {"method": res["method"], "clean_acc": res["clean_acc"], "pgd_acc": res["pgd_acc"],
            "autoattack_acc": res["autoattack_acc"], "flags": res["flags"]}
     row.update({k: res[k] for k in OPTIONAL_ACCURACIES if res.get(k) is not None})
+    attack = (res.get("autoattack") or {}).get("attack")
+    if attack and attack != "AutoAttack (standard)":  # a random model (EOT) or probabilities (their log)
+        row["autoattack_attack"] = attack
     row.update(same_images_pgd(res))
     return row
 
@@ -64,6 +67,9 @@ def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_a
         lines.append(f"{r['method']:<12} {r['clean_acc']:>7.4f} {r['pgd_acc']:>8.4f} {aa:>11}  {flags}")
     lines.append(f"L-inf eps={eps}; clean and PGD-{pgd_steps} (weaker than AutoAttack) on n={n_eval} test images; "
                  f"AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the first n={n_aa}.")
+    for r in rows:  # random models (EOT) and probability outputs (attacked on their log too)
+        if r.get("autoattack_attack"):
+            lines.append(f"{r['method']}: the AutoAttack column is {r['autoattack_attack']}.")
     for r in rows:  # purification defenses: the AutoAttack column is end to end through the purifier
         if r.get("adaptive_acc") is not None:
             lines.append(f"{r['method']}: adaptive {r['adaptive_acc']:.4f} (min of AutoAttack through the unrolled "

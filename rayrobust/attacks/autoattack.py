@@ -18,7 +18,9 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError, DataError
 from .pgd import eval_mode, frozen_params, model_device, perturbation_norm
@@ -26,6 +28,8 @@ from .pgd import eval_mode, frozen_params, model_device, perturbation_norm
 AA_STANDARD = ["apgd-ce", "apgd-t", "fab-t", "square"]
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 BALL_TOL = 1e-5  # slack on the eps-ball check of returned adversarial examples
+RAND_EOT = 20  # gradient samples per APGD step in version="rand" (pyautoattack's setting)
+RAND_VOTES = 9  # forward passes of a majority vote on a randomized model (version="rand")
 
 
 # How the reference orchestrator sets up each attack before calling it (autoattack.py).
@@ -102,12 +106,40 @@ def _build(model, eps, norm, version, attacks, device, seed):
     aa = AutoAttack(model, attacks=_resolve_attacks(version, attacks), device=device, eps=eps,
                     norm=norm, seed=seed, version=version)
     aa.verbose = False
+    if version == "rand":
+        aa.apgd.eot_iter = RAND_EOT
     return aa
 
 
-def _orchestrate(aa, x, y, seed) -> Tuple[List[Optional[str]], torch.Tensor]:
-    """Clean pass, then each attack on the still-robust points (one batch), in order."""
-    robust = aa.model(x).argmax(1) == y  # (N,) bool
+def votes_for(version: str) -> int:
+    """Forward passes per decision (clean, fooled, verified): a majority of RAND_VOTES for "rand"."""
+    return RAND_VOTES if version == "rand" else 1
+
+
+def misclassified(model: nn.Module, x: torch.Tensor, y: torch.Tensor, votes: int = 1) -> torch.Tensor:
+    """(N,) bool: argmax != y; with votes > 1, misclassified in more than half of `votes` passes
+    (the majority vote that decides for a randomized model)."""
+    if votes == 1:
+        return model(x).argmax(1) != y
+    wrong = torch.zeros(len(y), dtype=torch.long, device=y.device)
+    for _ in range(votes):
+        wrong += (model(x).argmax(1) != y).long()
+    return 2 * wrong > votes
+
+
+def attack_label(version: str = "standard", attacks: Optional[Sequence[str]] = None) -> str:
+    """What a (version, attacks) run is called in results, e.g. "AutoAttack (rand, EOT=20)"."""
+    if version == "rand":
+        return f"AutoAttack (rand, EOT={RAND_EOT})"
+    if version == "custom":
+        return f"AutoAttack (custom: {', '.join(attacks_for(version, attacks))})"
+    return f"AutoAttack ({version})"
+
+
+def _orchestrate(aa, x, y, seed, votes: int = 1) -> Tuple[List[Optional[str]], torch.Tensor]:
+    """Clean pass, then each attack on the still-robust points (one batch), in order. With votes > 1
+    every decision (clean, fooled) is a majority over `votes` forward passes."""
+    robust = ~misclassified(aa.model, x, y, votes)  # (N,) bool
     broken_by: List[Optional[str]] = [None if r else "clean" for r in robust.tolist()]
     x_adv = x.clone()
     for name in aa.attacks_to_run:
@@ -117,7 +149,7 @@ def _orchestrate(aa, x, y, seed) -> Tuple[List[Optional[str]], torch.Tensor]:
         attack = _PREPARE[name](aa)
         attack.seed = seed
         adv = attack.perturb(x[idx].clone(), y[idx].clone())
-        fooled = aa.model(adv).argmax(1) != y[idx]
+        fooled = misclassified(aa.model, adv, y[idx], votes)
         robust[idx[fooled]] = False
         x_adv[idx[fooled]] = adv[fooled]
         for i in idx[fooled].tolist():
@@ -125,14 +157,65 @@ def _orchestrate(aa, x, y, seed) -> Tuple[List[Optional[str]], torch.Tensor]:
     return broken_by, x_adv
 
 
-def _verify(model, x, x_adv, y, broken_by, eps, norm) -> None:
-    """Every claimed adversarial example must be in the ball, in [0,1] and misclassified."""
+# Each softmax torch can compute, and the log-softmax with the same arguments.
+_LOG_OF_SOFTMAX = {F.softmax: F.log_softmax, torch.softmax: torch.log_softmax,
+                   torch.Tensor.softmax: torch.Tensor.log_softmax,
+                   torch.special.softmax: torch.special.log_softmax}
+
+
+class _SoftmaxCalls(TorchFunctionMode):
+    """Records every softmax computed inside it: (output, the log-softmax of the same input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List[Tuple[torch.Tensor, Callable, tuple, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _LOG_OF_SOFTMAX:
+            self.calls.append((out, _LOG_OF_SOFTMAX[func], args, kwargs))
+        return out
+
+
+class LogOutputs(nn.Module):
+    """log(model(x)), for a model whose outputs are probabilities: the attacks then see log-probabilities,
+    which are logits up to a per-example constant, instead of saturated probabilities.
+
+    When the output is a softmax computed in the model's forward, its log is the log-softmax of that
+    softmax's input (exact, no underflow: a probability that rounds to 0 keeps its gradient); otherwise it
+    is log(max(output, smallest normal float)). Same predictions as the model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _SoftmaxCalls() as calls:
+            out = self.model(x)
+        for produced, log_softmax, args, kwargs in reversed(calls.calls):
+            if produced is out:
+                return log_softmax(*args, **kwargs)
+        return torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+
+
+def _verify(model, x, x_adv, y, broken_by, eps, norm, votes: int = 1) -> None:
+    """Every claimed adversarial example must be in the ball, in [0,1] and misclassified.
+
+    votes > 1 (a randomized model): misclassified means misclassified by the majority over `votes`
+    forward passes, the vote `_orchestrate` took when the attack returned the example (that vote is
+    its verification; a second vote would be a second sample of the same random variable, and
+    requiring both would bias the count towards the model), so only the ball and the box are
+    re-checked here.
+    """
     size = perturbation_norm(x_adv - x, norm)
     bad_ball = (size > eps + BALL_TOL).nonzero().squeeze(1).tolist()
     bad_box = ((x_adv < 0) | (x_adv > 1)).flatten(1).any(1).nonzero().squeeze(1).tolist()
-    claimed = torch.tensor([b is not None for b in broken_by], device=y.device)
-    still_right = claimed & (model(x_adv).argmax(1) == y)
-    bad_label = still_right.nonzero().squeeze(1).tolist()
+    bad_label = []
+    if votes == 1:
+        claimed = torch.tensor([b is not None for b in broken_by], device=y.device)
+        bad_label = (claimed & (model(x_adv).argmax(1) == y)).nonzero().squeeze(1).tolist()
     problems = {"outside the eps ball": bad_ball, "outside [0,1]": bad_box,
                 "claimed adversarial but correctly classified": bad_label}
     problems = {k: v for k, v in problems.items() if v}
@@ -155,7 +238,10 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     on every attack object before it runs (pass `chunk_seed(run_seed, chunk_index)`).
 
     Runs in eval mode with parameters frozen (FAB calls .backward()), restoring both afterwards;
-    the global torch RNG (which the reference attacks reseed) is restored too.
+    the global torch RNG (which the reference attacks reseed) is restored too. version="rand" is for
+    randomized models: APGD-CE and APGD-DLR with EOT (RAND_EOT gradient samples per step), the global
+    RNG seeded with `seed` first (so the model's own randomness is reproducible), and every decision a
+    majority over RAND_VOTES forward passes, which verifies each returned example (see `_verify`).
     """
     device = torch.device(device) if device is not None else model_device(model, x.device)
     if len(x) == 0:
@@ -165,11 +251,21 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
                         f"{x.max().item():.3g}]); normalise inside the model, not the data")
     x, y = x.detach().to(device).float(), y.detach().to(device).long()
     aa = _build(model, eps, norm, version, attacks, device, seed)
+    votes = votes_for(version)
     with eval_mode(model), frozen_params(model), torch.no_grad(), \
             torch.random.fork_rng(devices=_cuda_devices(device)):
-        broken_by, x_adv = _orchestrate(aa, x, y, seed)
-        _verify(model, x, x_adv, y, broken_by, eps, norm)
+        if votes > 1:
+            _seed_global_rng(seed, device)
+        broken_by, x_adv = _orchestrate(aa, x, y, seed, votes)
+        _verify(model, x, x_adv, y, broken_by, eps, norm, votes)
     return broken_by
+
+
+def _seed_global_rng(seed: int, device: torch.device) -> None:
+    torch.random.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,

@@ -180,3 +180,16 @@ def run_model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
                     "pgd_steps": pgd_steps, "pgd_many_steps": 5 * pgd_steps,
                     "pgd_many_restarts": MANY_RESTARTS, "pgd_many": acc_many}
     return flags, measurements
+
+
+def check_before_autoattack(model: nn.Module, x: torch.Tensor) -> List[Flag]:
+    """The checks that decide how AutoAttack runs: two forward passes on the same batch
+    (`nondeterministic`: attack with the "rand" version) and the output range (`softmax_output`:
+    attack the outputs and their logarithm). The global RNG is forked, so the evaluation after it
+    draws the same random numbers as without it."""
+    device = model_device(model, x.device)
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        flags = [check_deterministic(model, x, n=2), check_softmax_output(model, x)]
+    for flag in flags:
+        flag.detail = f"before AutoAttack: {flag.detail}"
+    return flags

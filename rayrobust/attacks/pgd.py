@@ -141,7 +141,7 @@ def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(eps, norm, steps, restarts, step_size, loss, random_start) -> None:
+def _validate(eps, norm, steps, restarts, step_size, loss, random_start, eot=1) -> None:
     if norm not in _NORMS:
         raise ConfigError(f"attack norm={norm!r} is not supported; use one of {sorted(_NORMS)}")
     eps_ok = 0 < eps <= 1 if norm == "Linf" else eps > 0
@@ -153,6 +153,8 @@ def _validate(eps, norm, steps, restarts, step_size, loss, random_start) -> None
         raise ConfigError(f"attack steps={steps!r} is invalid; use an integer >= 1")
     if not (isinstance(restarts, int) and restarts >= 1):
         raise ConfigError(f"attack restarts={restarts!r} is invalid; use an integer >= 1")
+    if not (isinstance(eot, int) and eot >= 1):
+        raise ConfigError(f"attack eot={eot!r} is invalid; use an integer >= 1 (gradient samples per step)")
     if step_size is not None and not step_size > 0:
         raise ConfigError(f"attack step_size={step_size!r} must be > 0 (or None for the default)")
     if loss not in _LOSSES:
@@ -167,6 +169,8 @@ class Attack:
 
     eps: budget in [0,1] pixel units. step_size: per step, default 2.5*eps/steps (Madry et al.).
     restarts: per example, the first restart that fools the model wins, else the highest loss.
+    eot: gradient samples averaged per step (expectation over transformation, for a randomized model;
+    1, the default, is one gradient as usual).
     seed: seeds a private CPU torch.Generator (the global RNG is untouched); it fixes the sequence of
     random starts over successive `perturb` calls of this object, and they are the same on every device
     (drawn on the CPU, then moved), so CPU and GPU runs differ only by float rounding.
@@ -174,10 +178,10 @@ class Attack:
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", steps: int = 10,
                  restarts: int = 1, step_size: Optional[float] = None, random_start: bool = True,
-                 seed: int = 0, loss: str = "ce"):
-        _validate(eps, norm, steps, restarts, step_size, loss, random_start)
+                 seed: int = 0, loss: str = "ce", eot: int = 1):
+        _validate(eps, norm, steps, restarts, step_size, loss, random_start, eot)
         self.model, self.eps, self.norm = model, eps, norm
-        self.steps, self.restarts = steps, restarts
+        self.steps, self.restarts, self.eot = steps, restarts, eot
         default_step = self._default_step(eps, steps, random_start)
         self.step_size = step_size if step_size is not None else default_step
         self.random_start, self.seed, self.loss = random_start, seed, loss
@@ -226,6 +230,10 @@ class Attack:
             x_adv = x_adv.detach().requires_grad_(True)
             loss = self._loss_fn(self.model(x_adv), y, clean_logits).sum()
             grad = input_grad(loss, x_adv)
+            if self.eot > 1:  # EOT: the mean gradient over eot forward passes
+                for _ in range(self.eot - 1):
+                    grad = grad + input_grad(self._loss_fn(self.model(x_adv), y, clean_logits).sum(), x_adv)
+                grad = grad / self.eot
             with torch.no_grad():
                 x_adv = self._project(self._step(x_adv, grad, self.step_size), x, self.eps)
                 x_adv = x_adv.clamp(0, 1)

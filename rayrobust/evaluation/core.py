@@ -4,6 +4,9 @@
 AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square) runs sharded over Ray actors, or with
 `backend="local"` in this process without Ray (the same chunks and seeds, so the same result).
 The sanity checks of docs/evaluation.md §4 run next to every number; a failed one becomes a flag.
+Before AutoAttack, two forward passes decide whether the model is random (then AutoAttack's "rand" version,
+with EOT, attacks it) and whether its outputs are probabilities (then it is also attacked on their log, and
+the lower robust accuracy is reported); `autoattack.attack` names what produced the number.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import torch
 from torch import nn
 
 from ..attacks import ATTACKS, accuracy, robust_accuracy
-from ..attacks.autoattack import attacks_for, summarize_autoattack
-from ..attacks.checks import (check_robust_le_clean, check_square_vs_whitebox, failed, run_model_checks)
+from ..attacks.autoattack import LogOutputs, attack_label, attacks_for, summarize_autoattack
+from ..attacks.checks import (check_before_autoattack, check_robust_le_clean, check_square_vs_whitebox, failed,
+                              run_model_checks)
 from ..errors import ConfigError
 from ..io import provenance, write_json
 from ..location import Where, as_location
@@ -116,6 +120,12 @@ def evaluate(
     or a new local cluster); `backend="local"` runs it in this process without Ray, chunk by chunk with the
     same chunks and seeds, so both give the same per-image result (on the same device and torch threads).
 
+    Before AutoAttack, two forward passes on its first batch decide whether the model is random: a random model
+    is flagged `nondeterministic` and attacked with AutoAttack's "rand" version (APGD-CE and APGD-DLR with EOT,
+    each decision a majority vote over several passes). Outputs that are probabilities are flagged
+    `softmax_output` and attacked both as they are and on their logarithm; the lower robust accuracy is reported.
+    `result["autoattack"]["attack"]` names what produced the number, e.g. "AutoAttack (rand, EOT=20)".
+
     Example:
         >>> res = rayrobust.evaluate(my_model, "fashion_mnist", eps=0.1, n=500, n_autoattack=100)
         >>> res["autoattack_acc"], res["flags"]
@@ -155,25 +165,39 @@ def evaluate(
     flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
     if n_autoattack:
         xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
-        if backend == "local":
-            aa = local_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
-                                  chunk_size=chunk_size, progress=_printer(verbose, label))
-        else:
-            aa = sharded_autoattack(model, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
-                                    chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
-        model.to(device)
-        summary = summarize_autoattack(aa["broken_by"], attacks_for(version))
+        before = check_before_autoattack(model, x[:min(n_autoattack, batch_size)])
+        flags += before
+        randomized, probabilities = (not f.passed for f in before)
+        aa_version = "rand" if randomized else version  # a random model is attacked with EOT
+        targets = [("outputs", model)] + ([("log(outputs)", LogOutputs(model))] if probabilities else [])
+        runs = []
+        for target, attacked in targets:
+            if backend == "local":
+                aa = local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
+                                      chunk_size=chunk_size, progress=_printer(verbose, label))
+            else:
+                aa = sharded_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
+                                        chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
+            model.to(device)
+            runs.append((target, aa, summarize_autoattack(aa["broken_by"], attacks_for(aa_version))))
+        target, aa, summary = min(runs, key=lambda run: run[2]["robust"])  # the lower number; ties: the outputs
+        attack = attack_label(aa_version) + ("" if target == "outputs" else f" on {target}")
         result["autoattack_acc"] = summary["robust"]
-        result["autoattack"] = {"version": version, "per_attack": summary, "seed": seed, "n": n_autoattack,
-                                "backend": backend, "num_shards": aa["num_shards"], "chunk_size": chunk_size,
-                                "seconds": aa["seconds"], "workers": aa["workers"], "nodes": aa["nodes"]}
+        result["autoattack"] = {"attack": attack, "version": aa_version, "target": target, "per_attack": summary,
+                                "seed": seed, "n": n_autoattack, "backend": backend, "num_shards": aa["num_shards"],
+                                "chunk_size": chunk_size, "seconds": sum(run[1]["seconds"] for run in runs),
+                                "workers": aa["workers"], "nodes": aa["nodes"]}
+        if aa_version != version:
+            result["autoattack"]["version_requested"] = version
+        if len(runs) > 1:  # probabilities: attacked on the outputs and on their log, the lower one reported
+            result["autoattack"]["by_target"] = {t: {"robust": s["robust"], "per_attack": s} for t, _, s in runs}
         flags.append(check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}))
         # AutoAttack's own tolerance (0.002), but never below one example: one point Square breaks
         # out of a few hundred is noise, two or more is a signal.
         flags.append(check_square_vs_whitebox(summary, tol=max(0.002, 1.0 / n_autoattack)))
         if verbose:
-            print(f"  [{label}] AutoAttack {summary['robust']:.4f} on n={n_autoattack} ({aa['seconds']:.1f}s)",
-                  file=sys.stderr, flush=True)
+            print(f"  [{label}] {attack} {summary['robust']:.4f} on n={n_autoattack} "
+                  f"({result['autoattack']['seconds']:.1f}s)", file=sys.stderr, flush=True)
     if checks:
         n_checks = min(len(x), max(n_autoattack, 200))
         t_checks = time.perf_counter()
@@ -184,7 +208,7 @@ def evaluate(
         if verbose:
             print(f"  [{label}] sanity checks on n={n_checks} ({time.perf_counter() - t_checks:.1f}s)", file=sys.stderr, flush=True)
     result["checks"] = [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in flags]
-    result["flags"] = failed(flags) + ([] if n_autoattack else ["autoattack_skipped"])
+    result["flags"] = list(dict.fromkeys(failed(flags))) + ([] if n_autoattack else ["autoattack_skipped"])
     result["seconds"] = time.perf_counter() - t0
     return result
 
