@@ -235,7 +235,7 @@ t_train = time.time() - t0
 manifest = run_extract(result.checkpoint, ImageSource.from_config(cfg.data, cfg.semantic), latents, num_actors=1,
                        batch_size=1024, verbose=False)
 t_extract = time.time() - t0 - t_train
-print(json.dumps({"base": base, "hwm": status("VmHWM"), "rows": sum(s["rows"] for s in manifest["shards"]),
+print("RESULT " + json.dumps({"base": base, "hwm": status("VmHWM"), "rows": sum(s["rows"] for s in manifest["shards"]),
                   "n": manifest["n"], "loss": result.metrics[-1]["loss"], "train_s": t_train, "extract_s": t_extract}))
 '''
 
@@ -278,7 +278,8 @@ def test_bigger_than_the_driver(ray_cluster, s3_server, tmp_path):
     proc = subprocess.run([sys.executable, str(script), root, str(tmp_path / "run"), latents], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Ray's raylet may print warnings to the driver's stdout too: the result is the line marked RESULT.
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     growth = (result["hwm"] - result["base"]) / 2 ** 20
     print(f"driver peak RSS growth {growth:.1f} MB over {result['base'] / 2 ** 20:.0f} MB after imports; "
           f"train epoch {result['train_s']:.0f}s, extraction {result['extract_s']:.0f}s, {n} images "
