@@ -51,11 +51,8 @@ browser:
 		echo "chromium not found: install chromium and chromium-driver (tests/test_report_browser.py needs them)"; \
 	fi
 
-# Two test processes (pytest-xdist): the suite waits on process starts, object storage and Ray's
-# schedulers as much as it computes. TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
 test: setup browser
-	$(PY) -m pytest -q --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup browser
 	$(PY) -m pytest -q -m "not ray and not slow"

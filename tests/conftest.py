@@ -9,19 +9,6 @@ import torch
 os.environ.setdefault("RAYROBUST_DASHBOARD", "0")  # tests start Ray without the dashboard (faster)
 
 
-# With pytest-xdist (`make test` runs 2 processes, `--dist loadgroup`): each module's tests stay in one
-# process, so a module's fixtures are built once; modules that share a session fixture share a process.
-XDIST_GROUPS = {"test_cluster_s3": "srd-pipeline", "test_srd": "srd-pipeline"}
-
-
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
-
-
 class S3Server:
     """A standalone S3-protocol server (moto) on loopback; clients find it through the standard AWS_* variables."""
 
