@@ -145,16 +145,11 @@ def test_bad_srd_settings_are_config_errors(srd_core, tmp_path):
 
 
 # --- end to end on the local Ray cluster ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pipeline_run(srd_pipeline):
-    """conftest.SRD_PIPELINE: methods [srd]; train the source (standard, not in `methods`) -> extract ->
-    cluster -> dictionaries -> train srd -> evaluate srd (the reference of tests/test_cluster_s3.py's job)."""
-    return srd_pipeline
-
-
+# conftest's `srd_pipeline`: methods [srd]; the source (standard) is trained first, then extract -> cluster ->
+# dictionaries -> srd -> evaluate srd. tests/test_cluster_s3.py compares its S3 job with this run.
 @pytest.mark.ray
-def test_pipeline_trains_srd_after_the_semantic_stages_and_evaluates_adaptively(pipeline_run):
-    cfg, summary = pipeline_run
+def test_pipeline_trains_srd_after_the_semantic_stages_and_evaluates_adaptively(srd_pipeline):
+    cfg, summary = srd_pipeline
     run = Path(cfg.run_dir)
     assert summary["semantic"]["k_per_class"] and summary["semantic"]["dictionaries"] >= 10
     rows = {r["method"]: r for r in summary["rows"]}
@@ -182,8 +177,8 @@ def test_pipeline_trains_srd_after_the_semantic_stages_and_evaluates_adaptively(
 
 
 @pytest.mark.ray
-def test_srd_checkpoint_starts_from_the_source_and_is_self_contained(pipeline_run):
-    cfg, _ = pipeline_run
+def test_srd_checkpoint_starts_from_the_source_and_is_self_contained(srd_pipeline):
+    cfg, _ = srd_pipeline
     run = Path(cfg.run_dir)
     source = latest_valid_checkpoint(run / "standard" / "checkpoints")
     ckpt = latest_valid_checkpoint(run / "srd" / "checkpoints")
@@ -224,8 +219,8 @@ def _one_line_error(proc, *fragments):
 
 
 @pytest.mark.ray
-def test_missing_stages_and_source_are_one_line_cli_errors(pipeline_run, tmp_path):
-    cfg, _ = pipeline_run
+def test_missing_stages_and_source_are_one_line_cli_errors(srd_pipeline, tmp_path):
+    cfg, _ = srd_pipeline
     semantic = Path(cfg.run_dir) / "semantic"
 
     empty = tmp_path / "empty"
