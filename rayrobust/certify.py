@@ -156,7 +156,7 @@ def lipschitz_bound(model: nn.Module, *, seed: int = 0) -> Dict[str, Any]:
     """Upper bound on the ℓ2 Lipschitz constant of `model.forward_features` on [0,1] inputs.
 
     Returns {"bound": L, "method": ..., "layers": [{"layer", "type", "bound", "how"}, ...]}.
-    Supported: small_cnn / small_cnn_wide (SmallCNN), preact_resnet18, wrn_34_10. Runs on a float64
+    Supported: tiny_cnn / small_cnn / small_cnn_wide (SmallCNN), preact_resnet18, wrn_34_10. Runs on a float64
     CPU copy in eval mode; the model itself is untouched.
     """
     from .models.base import RobustModel
@@ -166,7 +166,7 @@ def lipschitz_bound(model: nn.Module, *, seed: int = 0) -> Dict[str, Any]:
     if not isinstance(model, RobustModel) or type(model).forward_features is not RobustModel.forward_features \
             or type(model).normalize is not RobustModel.normalize:
         raise CertificateError(f"cannot bound the Lipschitz constant of {type(model).__name__}: the certificate needs a "
-                               "rayrobust model (small_cnn, small_cnn_wide, preact_resnet18, wrn_34_10)")
+                               "rayrobust model (tiny_cnn, small_cnn, small_cnn_wide, preact_resnet18, wrn_34_10)")
     m = copy.deepcopy(model).cpu().double().eval()
     shapes = _input_shapes(m)
     layers: List[Dict[str, Any]] = []
@@ -206,7 +206,7 @@ def lipschitz_bound(model: nn.Module, *, seed: int = 0) -> Dict[str, Any]:
         total *= pool
     else:
         raise CertificateError(f"cannot bound the Lipschitz constant of {type(model).__name__}: supported models are "
-                               "small_cnn, small_cnn_wide, preact_resnet18, wrn_34_10")
+                               "tiny_cnn, small_cnn, small_cnn_wide, preact_resnet18, wrn_34_10")
     return {"bound": total, "layers": layers,
             "method": f"product of per-layer l2 bounds; linear layers by power iteration (x{SAFETY} safety factor), "
                       "input normalisation included"}

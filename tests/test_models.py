@@ -10,7 +10,7 @@ from rayrobust.errors import ConfigError
 from rayrobust.models import MODELS, RobustModel, create_model, list_models
 
 NUM_CLASSES = 7  # deliberately not 10, so a hard-coded head would show
-LATENT = {"small_cnn": 100, "small_cnn_wide": 256, "preact_resnet18": 512, "wrn_34_10": 640}
+LATENT = {"tiny_cnn": 16, "small_cnn": 100, "small_cnn_wide": 256, "preact_resnet18": 512, "wrn_34_10": 640}
 BATCH = {"wrn_34_10": 2, "preact_resnet18": 2}  # the ResNets are big: keep their CPU passes small
 ALL = list_models()
 
