@@ -159,6 +159,7 @@ def cmd_evaluate(args) -> int:
 def cmd_certify(args) -> int:
     from .certify import certify_checkpoint
     from .errors import ConfigError
+    from .hardware import announce_hardware
     from .location import Location
 
     cfg = _load_writable(args)
@@ -170,6 +171,7 @@ def cmd_certify(args) -> int:
         raise ConfigError(f"--radii {args.radii!r} must be comma-separated numbers >= 0, e.g. 0.1,0.25,0.5")
     ckpt = _checkpoint(args, cfg, "run `rayrobust train --method clustr` first or pass --checkpoint")
     out = Location(args.out) if args.out else cfg.layout().method_dir(cfg.train.method) / "certificate.json"
+    announce_hardware()  # certify runs in this process, without Ray
     res = certify_checkpoint(ckpt, radii=radii, n=args.n if args.n is not None else cfg.eval.n_eval, out_path=out,
                              data_root=cfg.data.root, download=cfg.data.download, seed=cfg.eval.seed)
     keys = ("method", "n", "clean_acc", "certified_acc", "flags")

@@ -36,6 +36,7 @@ import numpy as np
 from .data import (PARQUET_COLUMNS, PARQUET_FORMAT, PARQUET_META, SPLITS, decode_images, describe_dataset,
                    encode_images, image_meta_files, imagefolder_listing, load_dataset, read_image_meta, resize_crop)
 from .errors import ConfigError, DataError
+from .progress import progress_enabled
 
 PACKAGED = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 ROWS_PER_FILE = 10_000  # export_parquet's default: ~30 MB files for 32x32 RGB images
@@ -335,7 +336,7 @@ def _write_split(ds: Any, out: Any, split: str, rows_per_file: int, info: Dict[s
     import pyarrow.parquet as pq
 
     ds.context.execution_options.preserve_order = True  # files hold consecutive index ranges
-    ds.context.enable_progress_bars = False
+    ds.context.enable_progress_bars = progress_enabled()  # Ray Data's own bars when interactive
     schema = pa.schema([("index", pa.int64()), ("label", pa.int64()), ("image", pa.binary())])
     files, total = [], 0
     for batch in ds.iter_batches(batch_size=rows_per_file, batch_format="numpy"):

@@ -93,6 +93,9 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
     # Order: methods that need no semantic artifacts (and semantic.source_method) -> extract, cluster,
     # dictionaries -> methods trained from those artifacts (srd) -> evaluate.
     early, late = _training_order(cfg)
+    from .raycluster import announce_cluster_or_local
+
+    announce_cluster_or_local(cfg.ray_address)  # "hardware: ..." (once per process)
     if "train" in cfg.stages:
         for method in early:
             tc = cfg.for_method(method).train

@@ -157,6 +157,9 @@ def run_results(cfg: ExperimentConfig, *, command: str = "make results", readme:
     if "evaluate" not in cfg.stages:
         raise ConfigError("results needs the evaluate stage: add 'evaluate' to stages")
     run = check_writable(cfg.run_location())  # a wrong bucket, endpoint or credential fails before any training
+    from .raycluster import announce_cluster_or_local
+
+    announce_cluster_or_local(cfg.ray_address)  # "hardware: ..." (once per process)
     per_seed: Dict[int, Dict[str, Any]] = {}
     for seed in cfg.seeds:
         print(f"=== seed {seed} ({cfg.seeds.index(seed) + 1}/{len(cfg.seeds)}): {(run / f'seed{seed}').uri}", flush=True)

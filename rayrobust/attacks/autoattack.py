@@ -63,6 +63,7 @@ _PREPARE: Dict[str, Callable] = {
     "square": lambda aa: aa.square,
 }
 AA_ATTACKS = sorted(_PREPARE)
+StageCallback = Callable[[str, int, int], None]  # (stage: "clean" or an attack, robust points left, chunk size)
 
 
 def chunk_plan(n: int, chunk_size: int) -> List[Tuple[int, int]]:
@@ -136,11 +137,15 @@ def attack_label(version: str = "standard", attacks: Optional[Sequence[str]] = N
     return f"AutoAttack ({version})"
 
 
-def _orchestrate(aa, x, y, seed, votes: int = 1) -> Tuple[List[Optional[str]], torch.Tensor]:
+def _orchestrate(aa, x, y, seed, votes: int = 1, on_stage: Optional[StageCallback] = None
+                 ) -> Tuple[List[Optional[str]], torch.Tensor]:
     """Clean pass, then each attack on the still-robust points (one batch), in order. With votes > 1
-    every decision (clean, fooled) is a majority over `votes` forward passes."""
+    every decision (clean, fooled) is a majority over `votes` forward passes. on_stage(stage, robust left,
+    n) is called after the clean pass and after each attack."""
     robust = ~misclassified(aa.model, x, y, votes)  # (N,) bool
     broken_by: List[Optional[str]] = [None if r else "clean" for r in robust.tolist()]
+    if on_stage is not None:
+        on_stage("clean", len(x) - broken_by.count("clean"), len(x))
     x_adv = x.clone()
     for name in aa.attacks_to_run:
         idx = robust.nonzero().squeeze(1)  # (M,) still robust
@@ -154,6 +159,8 @@ def _orchestrate(aa, x, y, seed, votes: int = 1) -> Tuple[List[Optional[str]], t
         x_adv[idx[fooled]] = adv[fooled]
         for i in idx[fooled].tolist():
             broken_by[i] = name
+        if on_stage is not None:
+            on_stage(name, broken_by.count(None), len(x))
     return broken_by, x_adv
 
 
@@ -232,7 +239,7 @@ def _cuda_devices(device: torch.device) -> list:
 def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                      norm: str = "Linf", version: str = "standard",
                      attacks: Optional[Sequence[str]] = None, seed: int = 0,
-                     device=None) -> List[Optional[str]]:
+                     device=None, on_stage: Optional[StageCallback] = None) -> List[Optional[str]]:
     """Attack one chunk as one batch. Per example: "clean" (misclassified without attack), the name
     of the first attack that fooled it, or None (robust). eps in [0,1] pixel units; `seed` is set
     on every attack object before it runs (pass `chunk_seed(run_seed, chunk_index)`).
@@ -242,6 +249,7 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     randomized models: APGD-CE and APGD-DLR with EOT (RAND_EOT gradient samples per step), the global
     RNG seeded with `seed` first (so the model's own randomness is reproducible), and every decision a
     majority over RAND_VOTES forward passes, which verifies each returned example (see `_verify`).
+    `on_stage(stage, robust_left, n)` reports each stage as it finishes (progress bars).
     """
     device = torch.device(device) if device is not None else model_device(model, x.device)
     if len(x) == 0:
@@ -256,7 +264,7 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
             torch.random.fork_rng(devices=_cuda_devices(device)):
         if votes > 1:
             _seed_global_rng(seed, device)
-        broken_by, x_adv = _orchestrate(aa, x, y, seed, votes)
+        broken_by, x_adv = _orchestrate(aa, x, y, seed, votes, on_stage)
         _verify(model, x, x_adv, y, broken_by, eps, norm, votes)
     return broken_by
 
@@ -271,18 +279,25 @@ def _seed_global_rng(seed: int, device: torch.device) -> None:
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                    norm: str = "Linf", version: str = "standard",
                    attacks: Optional[Sequence[str]] = None, seed: int = 0, chunk_size: int = 100,
-                   device=None, progress: Optional[Callable[[int, int], None]] = None
-                   ) -> List[Optional[str]]:
+                   device=None, progress: Optional[Callable[[int, int], None]] = None,
+                   bar: Optional[bool] = None) -> List[Optional[str]]:
     """AutoAttack over all of x, chunk by chunk (chunk i seeded with chunk_seed(seed, i)).
-    progress(done_examples, total_examples) is called after each chunk."""
+    progress(done_examples, total_examples) is called after each chunk. `bar` (None:
+    `rayrobust.progress.progress_enabled()`) draws a bar over the images (img/s, ETA) showing the robust
+    points left after each attack stage."""
+    from ..progress import AttackBar
+
     _resolve_attacks(version, attacks)  # fail fast, before the first chunk
     broken_by: List[Optional[str]] = []
-    for i, (start, stop) in enumerate(chunk_plan(len(x), chunk_size)):
-        broken_by += autoattack_chunk(model, x[start:stop], y[start:stop], eps=eps, norm=norm,
-                                      version=version, attacks=attacks,
-                                      seed=chunk_seed(seed, i), device=device)
-        if progress is not None:
-            progress(stop, len(x))
+    with AttackBar(len(x), attacks_for(version, attacks), attack_label(version, attacks), enabled=bar) as shown:
+        for i, (start, stop) in enumerate(chunk_plan(len(x), chunk_size)):
+            chunk = autoattack_chunk(model, x[start:stop], y[start:stop], eps=eps, norm=norm,
+                                     version=version, attacks=attacks, seed=chunk_seed(seed, i), device=device,
+                                     on_stage=shown.stage if shown.enabled else None)
+            broken_by += chunk
+            shown.chunk(chunk)
+            if progress is not None:
+                progress(stop, len(x))
     return broken_by
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from ..attacks.autoattack import (_build, _cuda_devices, _orchestrate, _verify, 
                                   summarize_autoattack)
 from ..attacks.pgd import eval_mode, frozen_params, model_device
 from ..errors import ConfigError
+from ..progress import AttackBar
 
 ADAPTIVE_MODE = "adaptive (end to end through the unrolled purifier)"
 BPDA_MODE = "adaptive BPDA + EOT (identity backward through the purifier)"
@@ -113,8 +114,10 @@ def _transfer_task(purified: nn.Module, x, y, kwargs, threads):
 
 
 def _run_chunks(task, purified: nn.Module, x, y, *, seed: int, chunk_size: int, num_shards: int,
-                kwargs: Dict[str, Any]) -> List[Any]:
-    """`task` over fixed chunks as Ray tasks (at most `num_shards` at a time); results in chunk order."""
+                kwargs: Dict[str, Any], bar: Optional[AttackBar] = None,
+                broken_of: Callable[[Any], List[Optional[str]]] = lambda r: r) -> List[Any]:
+    """`task` over fixed chunks as Ray tasks (at most `num_shards` at a time); results in chunk order.
+    `bar` gets each chunk's `broken_of(result)` as it returns."""
     import ray
 
     plan = chunk_plan(len(x), chunk_size)
@@ -132,18 +135,24 @@ def _run_chunks(task, purified: nn.Module, x, y, *, seed: int, chunk_size: int, 
             pending[remote.remote(model_ref, x[s:e].cpu(), y[s:e].cpu(),
                                   {**kwargs, "seed": chunk_seed(seed, i)}, threads)] = i
         ready, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(ready[0])] = ray.get(ready[0])
+        i = pending.pop(ready[0])
+        results[i] = ray.get(ready[0])
+        if bar is not None:
+            bar.chunk(broken_of(results[i]))
     return [results[i] for i in range(len(plan))]
 
 
 def bpda_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
                   seed: int = 0, eot_samples: int = 1, chunk_size: int = 100, num_shards: int = 2,
-                  attacks: Sequence[str] = APGD_ATTACKS) -> Dict[str, Any]:
-    """BPDA + EOT APGD attack on `purified` (a PurifiedClassifier); per-attack robust accuracy."""
+                  attacks: Sequence[str] = APGD_ATTACKS, progress: Optional[bool] = None,
+                  label: str = "srd") -> Dict[str, Any]:
+    """BPDA + EOT APGD attack on `purified` (a PurifiedClassifier); per-attack robust accuracy. `progress`
+    (None: `progress_enabled()`) draws a bar over the images with the robust points left per attack."""
     t0 = time.perf_counter()
     kw = {"eps": eps, "norm": norm, "attacks": list(attacks), "eot_samples": eot_samples}
-    parts = _run_chunks(_bpda_task, purified, x, y, seed=seed, chunk_size=chunk_size, num_shards=num_shards,
-                        kwargs=kw)
+    with AttackBar(len(x), list(attacks), f"  [{label}] BPDA + EOT", enabled=progress) as bar:
+        parts = _run_chunks(_bpda_task, purified, x, y, seed=seed, chunk_size=chunk_size, num_shards=num_shards,
+                            kwargs=kw, bar=bar)
     broken = [b for part in parts for b in part]
     summary = summarize_autoattack(broken, list(attacks))
     return {"mode": BPDA_MODE, "attack": " + ".join(a.upper() for a in attacks) + " (pyautoattack) on "
@@ -154,12 +163,15 @@ def bpda_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
 
 def transfer_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
                       seed: int = 0, chunk_size: int = 100, num_shards: int = 2,
-                      attacks: Sequence[str] = APGD_ATTACKS) -> Dict[str, Any]:
-    """Non-adaptive: APGD examples crafted on the bare classifier, classified by purify → classify."""
+                      attacks: Sequence[str] = APGD_ATTACKS, progress: Optional[bool] = None,
+                      label: str = "srd") -> Dict[str, Any]:
+    """Non-adaptive: APGD examples crafted on the bare classifier, classified by purify → classify. `progress`
+    as in `bpda_accuracy` (the bar counts the bare classifier's robust points)."""
     t0 = time.perf_counter()
     kw = {"eps": eps, "norm": norm, "attacks": list(attacks)}
-    parts = _run_chunks(_transfer_task, purified, x, y, seed=seed, chunk_size=chunk_size,
-                        num_shards=num_shards, kwargs=kw)
+    with AttackBar(len(x), list(attacks), f"  [{label}] non-adaptive (bare classifier)", enabled=progress) as bar:
+        parts = _run_chunks(_transfer_task, purified, x, y, seed=seed, chunk_size=chunk_size,
+                            num_shards=num_shards, kwargs=kw, bar=bar, broken_of=lambda r: r[0])
     broken = [b for part in parts for b in part[0]]
     correct = [c for part in parts for c in part[1]]
     bare = summarize_autoattack(broken, list(attacks))
@@ -193,8 +205,9 @@ def evaluate_purified(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, res
         return result
     xa, ya = x[:n].cpu(), y[:n].cpu()
     kw = dict(eps=eps, norm=norm, seed=seed, chunk_size=chunk_size, num_shards=num_shards)
-    bpda = bpda_accuracy(purified, xa, ya, eot_samples=eot_samples, **kw)
-    transfer = transfer_accuracy(purified, xa, ya, **kw)
+    shown = None if verbose else False  # bars when interactive (progress_enabled())
+    bpda = bpda_accuracy(purified, xa, ya, eot_samples=eot_samples, progress=shown, label=label, **kw)
+    transfer = transfer_accuracy(purified, xa, ya, progress=shown, label=label, **kw)
     adaptive = {AA_ADAPTIVE: result["autoattack_acc"], APGD_BPDA: bpda["robust_acc"]}
     worst = min(adaptive, key=adaptive.get)
     check = adaptive_gap_check(adaptive[worst], transfer["robust_acc"])

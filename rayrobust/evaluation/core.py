@@ -24,6 +24,7 @@ from ..attacks.checks import (check_before_autoattack, check_robust_le_clean, ch
 from ..errors import ConfigError
 from ..io import provenance, write_json
 from ..location import Where, as_location
+from ..progress import AttackBar
 
 DatasetLike = Union[str, Tuple[torch.Tensor, torch.Tensor], Any]
 BACKENDS = ("ray", "local")  # where AutoAttack runs: sharded over Ray actors, or in this process
@@ -146,6 +147,11 @@ def evaluate(
         from ..raycluster import ensure_ray
 
         ensure_ray(ray_address)
+    if verbose:  # "hardware: ..." once per process: the Ray cluster's totals when AutoAttack runs on it
+        from ..hardware import announce_hardware
+        from ..raycluster import announce_cluster_or_local
+
+        announce_cluster_or_local(ray_address) if n_autoattack and backend == "ray" else announce_hardware()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
@@ -172,12 +178,18 @@ def evaluate(
         targets = [("outputs", model)] + ([("log(outputs)", LogOutputs(model))] if probabilities else [])
         runs = []
         for target, attacked in targets:
-            if backend == "local":
-                aa = local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
-                                      chunk_size=chunk_size, progress=_printer(verbose, label))
-            else:
-                aa = sharded_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
-                                        chunk_size=chunk_size, num_shards=num_shards, progress=_printer(verbose, label))
+            # interactive: a bar (img/s, ETA, robust points left per attack stage); logs: a line per chunk
+            bar = AttackBar(n_autoattack, attacks_for(aa_version), f"  [{label}] " + attack_label(aa_version)
+                            + ("" if target == "outputs" else f" on {target}"), enabled=None if verbose else False)
+            shown = {"progress": None if bar.enabled else _printer(verbose, label),
+                     "on_chunk": bar.chunk if bar.enabled else None}
+            with bar:
+                if backend == "local":
+                    aa = local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
+                                          chunk_size=chunk_size, on_stage=bar.stage if bar.enabled else None, **shown)
+                else:
+                    aa = sharded_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
+                                            chunk_size=chunk_size, num_shards=num_shards, **shown)
             model.to(device)
             runs.append((target, aa, summarize_autoattack(aa["broken_by"], attacks_for(aa_version))))
         target, aa, summary = min(runs, key=lambda run: run[2]["robust"])  # the lower number; ties: the outputs

@@ -16,7 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..attacks.autoattack import autoattack_chunk, chunk_plan, chunk_seed
+from ..attacks.autoattack import StageCallback, autoattack_chunk, chunk_plan, chunk_seed
+
+ChunkCallback = Callable[[List[Optional[str]]], None]  # a finished chunk's per-example outcome
 
 
 class AutoAttackWorker:
@@ -35,10 +37,12 @@ class AutoAttackWorker:
 
         return chunk_index, self.attack_chunk(chunk_index, start, stop, seed), os.getpid(), _node_id()
 
-    def attack_chunk(self, chunk_index: int, start: int, stop: int, seed: int) -> List[Optional[str]]:
+    def attack_chunk(self, chunk_index: int, start: int, stop: int, seed: int,
+                     on_stage: Optional[StageCallback] = None) -> List[Optional[str]]:
         """Per-example outcome of chunk `chunk_index` (examples start..stop) of a run seeded with `seed`."""
         return autoattack_chunk(self.model, self.x[start:stop].to(self.device), self.y[start:stop].to(self.device),
-                                seed=chunk_seed(seed, chunk_index), device=self.device, **self.kwargs)
+                                seed=chunk_seed(seed, chunk_index), device=self.device, on_stage=on_stage,
+                                **self.kwargs)
 
     def pid(self) -> int:
         import os
@@ -68,8 +72,10 @@ def sharded_autoattack(
     chunk_size: int = 50,
     num_shards: int = 2,
     progress: Optional[Callable[[int, int], None]] = None,
+    on_chunk: Optional[ChunkCallback] = None,
 ) -> Dict:
-    """AutoAttack over `num_shards` Ray actors; returns {"broken_by": [...], "workers": {...}, "seconds": s}."""
+    """AutoAttack over `num_shards` Ray actors; returns {"broken_by": [...], "workers": {...}, "seconds": s}.
+    progress(chunks done, chunks) and on_chunk(that chunk's broken_by) are called as each chunk returns."""
     import ray
 
     plan = chunk_plan(len(x), chunk_size)
@@ -106,6 +112,8 @@ def sharded_autoattack(
             if node:
                 nodes[node] = nodes.get(node, 0) + (e - s)
             done += 1
+            if on_chunk:
+                on_chunk(chunk_broken)
             if progress:
                 progress(done, len(plan))
             if queue:
@@ -130,9 +138,12 @@ def local_autoattack(
     seed: int = 0,
     chunk_size: int = 50,
     progress: Optional[Callable[[int, int], None]] = None,
+    on_chunk: Optional[ChunkCallback] = None,
+    on_stage: Optional[StageCallback] = None,
 ) -> Dict:
     """`sharded_autoattack` in this process, without Ray: the same chunks with the same seeds, one after another
-    on this process's device and torch threads. x (N,C,H,W) in [0,1], y (N,); returns the same dict (one worker)."""
+    on this process's device and torch threads. x (N,C,H,W) in [0,1], y (N,); returns the same dict (one worker).
+    on_stage(stage, robust left, chunk size) also reports the running chunk's attack stages."""
     import os
 
     plan = chunk_plan(len(x), chunk_size)
@@ -141,7 +152,9 @@ def local_autoattack(
     broken: List[Optional[str]] = [None] * len(x)
     t0 = time.perf_counter()
     for k, (s, e) in enumerate(plan):
-        broken[s:e] = worker.attack_chunk(k, s, e, seed)
+        broken[s:e] = worker.attack_chunk(k, s, e, seed, on_stage)
+        if on_chunk:
+            on_chunk(broken[s:e])
         if progress:
             progress(k + 1, len(plan))
     return {"broken_by": broken, "workers": {str(os.getpid()): len(x)} if plan else {}, "nodes": {},

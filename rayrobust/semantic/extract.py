@@ -35,6 +35,7 @@ from ..data import ArrayDataset
 from ..errors import ConfigError
 from ..io import provenance, write_json
 from ..location import Location, Where, as_location
+from ..progress import Bar, progress_enabled
 from .artifacts import MANIFEST, atomic_dir, check_reuse, dataset_sha256, module_sha256, read_manifest
 from .errors import LatentError
 from .source import ImageSource, describe
@@ -48,14 +49,18 @@ LATENTS_DIR = "latents"
 # ------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def extract_latents(model: nn.Module, x: torch.Tensor, batch_size: int = 256,
-                    device: Optional[Union[str, torch.device]] = None) -> np.ndarray:
-    """forward_features over x (N, C, H, W) in [0,1] in batches -> (N, d) float32 numpy."""
+                    device: Optional[Union[str, torch.device]] = None, progress: bool = False) -> np.ndarray:
+    """forward_features over x (N, C, H, W) in [0,1] in batches -> (N, d) float32 numpy. `progress`: a bar over
+    the images (img/s, ETA) on stderr (off by default: the Ray Data actors call this once per batch)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
-    out = [model.forward_features(x[s:s + batch_size].to(device)).float().cpu()  # (B, d)
-           for s in range(0, len(x), batch_size)]
+    out = []
+    with Bar(total=len(x), desc="latents", unit="img", enabled=progress) as bar:
+        for s in range(0, len(x), batch_size):
+            out.append(model.forward_features(x[s:s + batch_size].to(device)).float().cpu())  # (B, d)
+            bar.update(len(out[-1]))
     return torch.cat(out).numpy() if out else np.zeros((0, model.num_features), np.float32)
 
 
@@ -259,7 +264,8 @@ def run_extract(
                                       for s in range(0, n, block_rows)])
         else:
             ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
-    ds.context.enable_progress_bars = False  # this dataset's own copy of the context, not the global one
+    # Ray Data's own bars (rows/s, ETA) when interactive; this dataset's own copy of the context, not the global one
+    ds.context.enable_progress_bars = progress_enabled()
     ds.context.wait_for_min_actors_s = 600  # start every pool actor before dispatching: the work is spread
     ds = ds.map_batches(
         LatentExtractor,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..methods import Method
+from ..progress import Bar
 
 
 @dataclass
@@ -127,19 +128,24 @@ def train_epoch(
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    progress: Optional[bool] = None,
 ) -> Dict[str, float]:
-    """Train one epoch; returns mean loss, mean method metrics, images/s and seconds."""
+    """Train one epoch; returns mean loss, mean method metrics, images/s and seconds.
+
+    `progress` (None: `rayrobust.progress.progress_enabled()`) draws a bar over the epoch's images (rate,
+    ETA, running loss) in place of `log`'s step lines; the loss is read at the step lines' cadence."""
     batches = epoch_batches(len(data.x_train), batch_size, epoch=epoch, seed=seed, rank=rank, world=world)
     xy = ((data.x_train[idx], data.y_train[idx]) for idx in batches)
     return _fit_batches(model, method, optimizer, xy, steps=len(batches), epoch=epoch, epochs=epochs,
                         batch_size=batch_size, lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
-                        log=log)
+                        log=log, progress=progress)
 
 
 def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
                  xy: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, steps: int, epoch: int, epochs: int,
                  batch_size: int, lr: float, device: torch.device, amp_dtype: Optional[torch.dtype],
-                 channels_last: bool, log: Optional[Callable[[str], None]]) -> Dict[str, float]:
+                 channels_last: bool, log: Optional[Callable[[str], None]],
+                 progress: Optional[bool] = None) -> Dict[str, float]:
     """One epoch's optimisation over (x in [0,1], y) batches: the one-cycle schedule, the method's step, mean
     metrics. Trains exactly `steps` batches; later ones are read and dropped (a stream's epoch must end)."""
     total_steps = epochs * steps
@@ -147,6 +153,7 @@ def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimi
     start = time.perf_counter()
     report_every = max(1, steps // 4)
     done = 0
+    bar = Bar(total=steps * batch_size, desc=f"epoch {epoch + 1}/{epochs}", unit="img", enabled=progress)
     for x, y in xy:
         if done == steps:
             continue  # drain: a streamed shard's epoch ends when its iterator is exhausted
@@ -159,9 +166,15 @@ def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimi
         loss, metrics = _step(model, method, optimizer, x, y, amp_dtype)
         sums.add(done, {"loss": loss, **metrics})  # on the device: no host sync per step
         done += 1
-        if log and done % report_every == 0 and done < steps:
+        bar.update(batch_size)
+        if done % report_every == 0 and done < steps and (bar.enabled or log):
             sums.check(epoch)
-            log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {sums.means(done)['loss']:.4f}")
+            running = sums.means(done)["loss"]
+            if bar.enabled:
+                bar.postfix(f"loss {running:.4f}")
+            else:
+                log(f"  epoch {epoch + 1}/{epochs}  step {done}/{steps}  loss {running:.4f}")
+    bar.close()
     if done < steps:
         raise RuntimeError(f"the data ended after {done} of {steps} batches in epoch {epoch + 1}")
     sums.check(epoch)
@@ -209,6 +222,7 @@ def train_epoch_stream(
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    progress: Optional[bool] = None,
 ) -> Dict[str, float]:
     """`train_epoch` over streamed batches ({"image": uint8 (B,C,H,W), "label": (B,)}; image / scale is in [0,1]).
 
@@ -221,7 +235,8 @@ def train_epoch_stream(
     # uint8 travels to the device (4x fewer bytes), then becomes [0,1] floats there
     xy = ((b["image"].to(device, non_blocking=True).float().div_(scale), b["label"].long()) for b in batches)
     return _fit_batches(model, method, optimizer, xy, steps=steps, epoch=epoch, epochs=epochs, batch_size=batch_size,
-                        lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last, log=log)
+                        lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last, log=log,
+                        progress=progress)
 
 
 def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int, seed: int,

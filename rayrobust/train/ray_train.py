@@ -29,6 +29,7 @@ from ..errors import CheckpointError, ConfigError, RayRobustError
 from ..io import provenance, write_json, write_jsonl
 from ..layout import CHECKPOINTS
 from ..location import Location, Where, as_location, check_writable
+from ..progress import progress_enabled
 from ..raycluster import ensure_ray
 
 # What must match for a checkpoint to be continued by a new `fit` call.
@@ -121,6 +122,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                                        device_count=torch.cuda.device_count()))
     nodes = _worker_nodes(world, device)  # node id of every rank, for provenance
     log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
+    progress = bool(loop_config.get("progress")) and rank == 0  # the driver's terminal draws rank 0's bar
 
     plan = loop_config.get("stream")  # streamed (rayrobust.train.stream): images come from the "train" dataset shard
     if plan is None:
@@ -178,7 +180,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             stats = train_epoch(
                 model, method, optimizer, data, epoch=epoch, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
                 seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
-                channels_last=tc.channels_last, log=log,
+                channels_last=tc.channels_last, log=log, progress=progress,
             )
         else:
             batches = stream_batches(ray.train.get_dataset_shard("train"), tc.batch_size, epoch=epoch, seed=tc.seed,
@@ -186,7 +188,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             stats = train_epoch_stream(
                 model, method, optimizer, batches, epoch=epoch, epochs=tc.epochs, steps=plan["steps"],
                 batch_size=tc.batch_size, lr=tc.lr, scale=plan["scale"], device=device, amp_dtype=amp_dtype,
-                channels_last=tc.channels_last, log=log,
+                channels_last=tc.channels_last, log=log, progress=progress,
             )
         # Prepare the next epoch from these weights (those it starts from) before validation and the
         # checkpoint, so the checkpoint's method_state (ClusTR's clusters) matches its weights.
@@ -284,7 +286,8 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
             datasets, dataset_config = trainer_datasets(cfg, plan)
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init, "stream": plan},
+            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init, "stream": plan,
+                               "progress": progress_enabled()},
             datasets=datasets, dataset_config=dataset_config,
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),

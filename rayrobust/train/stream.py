@@ -48,6 +48,10 @@ def trainer_datasets(cfg: Any, plan: Dict[str, Any]) -> Tuple[Dict[str, Any], An
     datasets = {"train": image_dataset(cfg.data, "train", limit=limit, exclude=plan["val"] or None)}
     if plan["val"]:
         datasets["val"] = image_dataset(cfg.data, "train", limit=limit, indices=plan["val"])
+    from ..progress import progress_enabled
+
+    for ds in datasets.values():  # Ray Data's own bars when interactive, none in logs
+        ds.context.enable_progress_bars = progress_enabled()
     options = ExecutionOptions(preserve_order=True)
     return datasets, ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
 

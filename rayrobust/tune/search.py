@@ -61,6 +61,7 @@ from ..errors import ConfigError, RayRobustError
 from ..io import provenance, read_json, write_json
 from ..layout import CHECKPOINTS
 from ..location import Location, Where, as_location, check_writable
+from ..progress import Bar
 from .config import redact
 
 EXPERIMENT = "tune"
@@ -403,6 +404,44 @@ class StudySync(Callback):
         self.study.push(strict=False)
 
 
+class TrialBar(Callback):
+    """Tune callback on the driver: when interactive (`progress_enabled()`), a bar over the trials finished
+    (trial/s, ETA), with how many run now. A resumed search counts the trials it restored as finished."""
+
+    FINISHED = ("TERMINATED", "ERROR")
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar: Optional[Bar] = None
+
+    def _show(self, trials, extra: Optional[str] = None) -> None:
+        finished = {t.trial_id for t in trials if t.status in self.FINISHED}
+        if extra is not None:
+            finished.add(extra)
+        running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in finished)
+        if self.bar is None:
+            self.bar = Bar(total=self.total, desc="trials", unit="trial", initial=len(finished))
+        self.bar.set_count(len(finished))
+        self.bar.postfix(f"{running} running")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trials, trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trials, trial.trial_id)
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self._show(trials)
+            self.bar.close()
+
+    def __getstate__(self) -> Dict[str, Any]:  # saved with the experiment state: the bar stays on the driver
+        return {"total": self.total, "bar": None}
+
+
 class RecordingOptunaSearch(OptunaSearch):
     """OptunaSearch that stores each trial's raw numbers and flags as Optuna user attributes, and whose
     saved state names its study by run (not by a file on the driver that saved it): restored in
@@ -526,7 +565,8 @@ def _tuner(cfg: ExperimentConfig, run: Location, study_store: StudyStorage):
         _trainable(cfg, run),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=tc.num_samples,
                                     max_concurrent_trials=max_concurrent(cfg)),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=run.uri, verbose=1, callbacks=[StudySync(study_store)],
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=run.uri, verbose=1,
+                                  callbacks=[StudySync(study_store), TrialBar(tc.num_samples)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
