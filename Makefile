@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo results results-cpu test test-fast bench clean
+.PHONY: setup data browser demo results results-cpu test test-extended test-all test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -51,7 +51,15 @@ browser:
 		echo "chromium not found: install chromium and chromium-driver (tests/test_report_browser.py needs them)"; \
 	fi
 
+# The default run (under 30 minutes on 2 cores): every unit test and the Ray, S3 and 2-node cluster tests.
 test: setup browser
+	$(PY) -m pytest -q -m "not extended" --durations=25
+
+# The extended tier: single-node fault variants, the seeded Tune search, 2-seed results, per-defense Ray Train runs.
+test-extended: setup browser
+	$(PY) -m pytest -q -m extended --durations=15
+
+test-all: setup browser
 	$(PY) -m pytest -q --durations=25
 
 test-fast: setup browser

@@ -216,8 +216,10 @@ SRD_PIPELINE = {
     "train": {"method": "standard", "epochs": 1, "batch_size": 64, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
               "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "srd_lambda": 0.1},
     "semantic": SRD_SEMANTIC,
-    "eval": {"eps": 0.1, "n_eval": 60, "n_autoattack": 20, "pgd_steps": 5, "batch_size": 60, "num_shards": 2,
-             "chunk_size": 10, "checks": True},
+    # AutoAttack through the purifier is query-bound (Square's 5000 queries per chunk with a robust point):
+    # 10 images in 2 chunks of 5, one per AutoAttack actor.
+    "eval": {"eps": 0.1, "n_eval": 60, "n_autoattack": 10, "pgd_steps": 5, "batch_size": 60, "num_shards": 2,
+             "chunk_size": 5, "checks": True},
 }
 
 

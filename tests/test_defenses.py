@@ -219,6 +219,7 @@ def test_drp_without_prototypes_is_a_clear_error():
 
 
 @pytest.mark.ray
+@pytest.mark.extended
 def test_drp_on_ray_train_saves_prototypes_and_evaluates_the_decision(ray_cluster, tmp_path):
     from rayrobust.evaluation import evaluate_checkpoint
     from rayrobust.train import fit

@@ -23,7 +23,9 @@ from rayrobust.train import fit
 
 from conftest import tiny_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(240)]
+# Extended tier: the worker-node kill on the 2-node cluster (tests/test_cluster_s3.py, test_c) is the default run's
+# fault test; these are the single-node variants (a worker process, an AutoAttack actor).
+pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.extended, pytest.mark.timeout(240)]
 
 WALL_CLOCK = {"seconds", "images_per_s", "epoch_seconds"}
 

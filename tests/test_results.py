@@ -133,6 +133,7 @@ def test_results_configs_cover_every_defense(path, min_aa, gpu_sized):
 
 
 @pytest.mark.ray
+@pytest.mark.extended
 def test_two_seed_run_writes_summary_and_readme(tmp_path, ray_cluster, one_thread):
     cfg = tiny_config(tmp_path, train={"epochs": 1, "method": "standard"}, eval={"n_eval": 60, "n_autoattack": 10,
                                                                                  "num_shards": 1, "checks": False})

@@ -14,6 +14,7 @@ from conftest import tiny_config
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.extended  # the default run trains on 2 workers across 2 nodes (tests/test_cluster_s3.py)
 def test_two_worker_run_writes_checkpoints_and_metrics(ray_cluster, tmp_path):
     cfg = tiny_config(tmp_path, train={"num_workers": 2, "method": "pgd_at", "epochs": 2, "lr": 0.2})
     result = fit(cfg, tmp_path / "pgd_at")
@@ -32,6 +33,7 @@ def test_two_worker_run_writes_checkpoints_and_metrics(ray_cluster, tmp_path):
     assert metrics[-1]["val_clean_acc"] > 0.5  # digits learns fast even adversarially
 
 
+@pytest.mark.extended
 def test_resume_replays_the_uninterrupted_run(ray_cluster, tmp_path):
     cfg = tiny_config(tmp_path, train={"method": "fgsm_rs", "epochs": 2})
     full = fit(cfg, tmp_path / "a")
@@ -47,6 +49,7 @@ def test_resume_replays_the_uninterrupted_run(ray_cluster, tmp_path):
     assert again["history"][0] == final["history"][0]  # epoch 1 is kept, not redone
 
 
+@pytest.mark.extended
 def test_completed_run_is_reused_and_extending_epochs_continues(ray_cluster, tmp_path):
     cfg = tiny_config(tmp_path, train={"epochs": 1})
     first = fit(cfg, tmp_path / "s")

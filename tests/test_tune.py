@@ -70,6 +70,7 @@ def search(ray_cluster, tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.extended
 def test_search_completes_stores_both_objectives_and_reevaluates_best(search):
     import optuna
 
@@ -105,6 +106,7 @@ def test_search_completes_stores_both_objectives_and_reevaluates_best(search):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.extended
 def test_gradient_masking_control_is_flagged_and_never_selected(search):
     s = search["summary"]
     saturated = [t for t in s["trials"] if t["method"] == "saturated"]
@@ -122,6 +124,7 @@ def test_gradient_masking_control_is_flagged_and_never_selected(search):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.extended
 def test_report_of_search_has_every_section(search):
     from rayrobust.tune.report import write_report
 
@@ -172,6 +175,7 @@ def test_selection_never_picks_a_flagged_trial():
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.extended
 def test_resume_after_the_driver_is_killed(tmp_path):
     import optuna
 
