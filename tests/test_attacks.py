@@ -172,6 +172,7 @@ def test_autoattack_summary_is_consistent(digits, aa_full):
     assert s["robust"] <= pgd + 1e-9
 
 
+@pytest.mark.extended  # the default run compares chunked AutoAttack with pyautoattack's (test_autoattack_reference.py)
 def test_autoattack_sharding_is_exact(digits, aa_full):
     model, x, y = digits
     x, y = x[:60], y[:60]

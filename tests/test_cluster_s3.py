@@ -49,7 +49,7 @@ FAULT = {
     "name": "cluster-s3-fault", "run_dir": "runs/cluster-s3-fault", "methods": ["pgd_at"],
     "data": {"name": "digits", "val_size": 100},
     "model": {"name": "small_cnn"},
-    "train": {"method": "pgd_at", "epochs": 3, "batch_size": 32, "lr": 0.1, "eps": 0.1, "attack_steps": 8,
+    "train": {"method": "pgd_at", "epochs": 3, "batch_size": 32, "lr": 0.1, "eps": 0.1, "attack_steps": 4,
               "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "max_failures": 3},
 }
 
@@ -201,14 +201,24 @@ def test_b_pipeline_job_with_an_s3_run_dir_writes_everything_to_the_bucket(clust
         assert any(k.startswith(f"semantic/{stage}/") for k in got), (stage, sorted(got))
     assert "semantic/latents/manifest.json" in got and any(k.endswith(".parquet") for k in got)
     # Ray Data names the latent files it writes by its own run id: those are compared through the manifests.
+    # Saved attack chunks are named by a hash of the attacked weights: compared by kind and count.
     def named(files):
-        return {f for f in files if not (f.startswith("semantic/latents/") and f.endswith(".parquet"))}
+        return {f for f in files if not (f.startswith("semantic/latents/") and f.endswith(".parquet"))
+                and "/attack_chunks/" not in f}
+
+    def chunk_files(files):
+        return sorted(f.split("/attack_chunks/")[0] + "/" + f.split("/attack_chunks/")[1].split("-")[0] + "/"
+                      + f.rsplit("/", 1)[1] for f in files if "/attack_chunks/" in f)
 
     local_files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     missing = sorted(f for f in named(local_files) if f not in got and not f.split("/")[-1].startswith("."))
     assert not missing, missing
+    # Every finished AutoAttack, BPDA and non-adaptive chunk was saved to the bucket as it finished.
+    assert chunk_files(got) == chunk_files(local_files)
+    assert {c.split("/")[1] for c in chunk_files(got)} == {"autoattack", "bpda", "transfer"}, chunk_files(got)
     shards = _read_s3_json(s3_server, bucket, "runs/demo/semantic/latents/manifest.json")["shards"]
-    assert {f"semantic/latents/{sh['file']}" for sh in shards} == set(got) - named(got)
+    assert {f"semantic/latents/{sh['file']}" for sh in shards} == \
+        {f for f in got if f.startswith("semantic/latents/") and f.endswith(".parquet")}
     local_shards = json.loads((local / "semantic" / "latents" / "manifest.json").read_text())["shards"]
     assert sum(sh["rows"] for sh in shards) == sum(sh["rows"] for sh in local_shards)
 

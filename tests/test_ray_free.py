@@ -104,6 +104,7 @@ def ray_free_run(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1]), weights
 
 
+@pytest.mark.extended  # a subprocess trains and runs AutoAttack: ~50 s on 2 cores
 def test_train_and_evaluate_without_ray_faiss_optuna_pyarrow(ray_free_run):
     run, _ = ray_free_run
     assert run["blocked_loaded"] == []
@@ -116,6 +117,7 @@ def test_train_and_evaluate_without_ray_faiss_optuna_pyarrow(ray_free_run):
 
 
 @pytest.mark.ray
+@pytest.mark.extended
 def test_local_backend_equals_sharded_ray_path(ray_free_run, ray_cluster, digits, one_thread, monkeypatch):
     run, weights = ray_free_run
     train, test = digits

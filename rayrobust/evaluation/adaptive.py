@@ -37,6 +37,7 @@ from ..attacks.autoattack import (_build, _cuda_devices, _orchestrate, _verify, 
 from ..attacks.pgd import eval_mode, frozen_params, model_device
 from ..errors import ConfigError
 from ..progress import AttackBar
+from .sharded import restore_chunks
 
 ADAPTIVE_MODE = "adaptive (end to end through the unrolled purifier)"
 BPDA_MODE = "adaptive BPDA + EOT (identity backward through the purifier)"
@@ -115,18 +116,27 @@ def _transfer_task(purified: nn.Module, x, y, kwargs, threads):
 
 def _run_chunks(task, purified: nn.Module, x, y, *, seed: int, chunk_size: int, num_shards: int,
                 kwargs: Dict[str, Any], bar: Optional[AttackBar] = None,
-                broken_of: Callable[[Any], List[Optional[str]]] = lambda r: r) -> List[Any]:
+                broken_of: Callable[[Any], List[Optional[str]]] = lambda r: r, store=None) -> List[Any]:
     """`task` over fixed chunks as Ray tasks (at most `num_shards` at a time); results in chunk order.
-    `bar` gets each chunk's `broken_of(result)` as it returns."""
+    `bar` gets each chunk's `broken_of(result)` as it returns. `store` (a ChunkStore): chunks saved by an
+    interrupted run are read back, the others saved as they return."""
+    plan = chunk_plan(len(x), chunk_size)
+    results: Dict[int, Any] = {}
+
+    def saved(i, result):
+        results[i] = result
+        if bar is not None:
+            bar.chunk(broken_of(result))
+
+    queue = restore_chunks(plan, store, saved)
+    if not queue:
+        return [results[i] for i in range(len(plan))]
     import ray
 
-    plan = chunk_plan(len(x), chunk_size)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     resources, threads = ({"num_gpus": 1}, None) if gpus else ({"num_cpus": 1}, 1)
     remote = ray.remote(max_retries=2, **resources)(task)
     model_ref = ray.put(purified.cpu())
-    results: Dict[int, Any] = {}
-    queue = list(enumerate(plan))
     pending: Dict[Any, int] = {}
     width = max(1, min(num_shards, gpus or num_shards))
     while queue or pending:
@@ -137,6 +147,8 @@ def _run_chunks(task, purified: nn.Module, x, y, *, seed: int, chunk_size: int, 
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
         results[i] = ray.get(ready[0])
+        if store is not None:
+            store.save(i, *plan[i], results[i])
         if bar is not None:
             bar.chunk(broken_of(results[i]))
     return [results[i] for i in range(len(plan))]
@@ -145,40 +157,55 @@ def _run_chunks(task, purified: nn.Module, x, y, *, seed: int, chunk_size: int, 
 def bpda_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
                   seed: int = 0, eot_samples: int = 1, chunk_size: int = 100, num_shards: int = 2,
                   attacks: Sequence[str] = APGD_ATTACKS, progress: Optional[bool] = None,
-                  label: str = "srd") -> Dict[str, Any]:
+                  label: str = "srd", resume_dir=None, resume_identity: str = "") -> Dict[str, Any]:
     """BPDA + EOT APGD attack on `purified` (a PurifiedClassifier); per-attack robust accuracy. `progress`
-    (None: `progress_enabled()`) draws a bar over the images with the robust points left per attack."""
+    (None: `progress_enabled()`) draws a bar over the images with the robust points left per attack.
+    `resume_dir`: finished chunks are saved there and read back by a rerun (see `evaluation.resume`)."""
     t0 = time.perf_counter()
     kw = {"eps": eps, "norm": norm, "attacks": list(attacks), "eot_samples": eot_samples}
+    store = _store(resume_dir, "bpda", purified, x, y, {**kw, "seed": seed, "chunk_size": chunk_size,
+                                                        "identity": resume_identity})
     with AttackBar(len(x), list(attacks), f"  [{label}] BPDA + EOT", enabled=progress) as bar:
         parts = _run_chunks(_bpda_task, purified, x, y, seed=seed, chunk_size=chunk_size, num_shards=num_shards,
-                            kwargs=kw, bar=bar)
+                            kwargs=kw, bar=bar, store=store)
     broken = [b for part in parts for b in part]
     summary = summarize_autoattack(broken, list(attacks))
     return {"mode": BPDA_MODE, "attack": " + ".join(a.upper() for a in attacks) + " (pyautoattack) on "
             "classifier(x + (purify(x) - x).detach())", "robust_acc": summary["robust"], "per_attack": summary,
             "eot_samples": eot_samples, "eot_note": "the purifier is deterministic: 1 sample is exact",
-            "n": len(x), "seed": seed, "chunk_size": chunk_size, "seconds": time.perf_counter() - t0}
+            "n": len(x), "seed": seed, "chunk_size": chunk_size, "seconds": time.perf_counter() - t0,
+            **({"chunks": store.counts(len(parts))} if store is not None else {})}
+
+
+def _store(resume_dir, kind, model, x, y, settings):
+    if resume_dir is None:
+        return None
+    from .resume import ChunkStore
+
+    return ChunkStore.open(resume_dir, kind, model, x, y, settings)
 
 
 def transfer_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
                       seed: int = 0, chunk_size: int = 100, num_shards: int = 2,
                       attacks: Sequence[str] = APGD_ATTACKS, progress: Optional[bool] = None,
-                      label: str = "srd") -> Dict[str, Any]:
+                      label: str = "srd", resume_dir=None, resume_identity: str = "") -> Dict[str, Any]:
     """Non-adaptive: APGD examples crafted on the bare classifier, classified by purify → classify. `progress`
-    as in `bpda_accuracy` (the bar counts the bare classifier's robust points)."""
+    and `resume_dir` as in `bpda_accuracy` (the bar counts the bare classifier's robust points)."""
     t0 = time.perf_counter()
     kw = {"eps": eps, "norm": norm, "attacks": list(attacks)}
+    store = _store(resume_dir, "transfer", purified, x, y, {**kw, "seed": seed, "chunk_size": chunk_size,
+                                                            "identity": resume_identity})
     with AttackBar(len(x), list(attacks), f"  [{label}] non-adaptive (bare classifier)", enabled=progress) as bar:
         parts = _run_chunks(_transfer_task, purified, x, y, seed=seed, chunk_size=chunk_size,
-                            num_shards=num_shards, kwargs=kw, bar=bar, broken_of=lambda r: r[0])
+                            num_shards=num_shards, kwargs=kw, bar=bar, broken_of=lambda r: r[0], store=store)
     broken = [b for part in parts for b in part[0]]
     correct = [c for part in parts for c in part[1]]
     bare = summarize_autoattack(broken, list(attacks))
     return {"mode": NON_ADAPTIVE_MODE, "attack": " + ".join(a.upper() for a in attacks) + " (pyautoattack) "
             "on the bare classifier, adversarial examples then purified and classified",
             "robust_acc": sum(correct) / max(1, len(correct)), "bare_classifier": bare,
-            "n": len(x), "seed": seed, "chunk_size": chunk_size, "seconds": time.perf_counter() - t0}
+            "n": len(x), "seed": seed, "chunk_size": chunk_size, "seconds": time.perf_counter() - t0,
+            **({"chunks": store.counts(len(parts))} if store is not None else {})}
 
 
 def adaptive_gap_check(adaptive: float, non_adaptive: float, tol: float = GAP_TOL) -> Dict[str, Any]:
@@ -190,7 +217,8 @@ def adaptive_gap_check(adaptive: float, non_adaptive: float, tol: float = GAP_TO
 
 def evaluate_purified(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, result: Dict[str, Any], *,
                       eps: float, norm: str = "Linf", seed: int = 0, eot_samples: int = 1, chunk_size: int = 100,
-                      num_shards: int = 2, verbose: bool = True, label: str = "srd") -> Dict[str, Any]:
+                      num_shards: int = 2, verbose: bool = True, label: str = "srd", resume_dir=None,
+                      resume_identity: str = "") -> Dict[str, Any]:
     """Add the BPDA and non-adaptive attacks to `result` (the main `evaluate()` of `purified`, which is
     the adaptive unrolled AutoAttack) on its first `result["n_autoattack"]` images, in place.
 
@@ -204,7 +232,8 @@ def evaluate_purified(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, res
         result.update(bpda=None, non_adaptive=None, adaptive_acc=None, adaptive_attack=None, nonadaptive_acc=None)
         return result
     xa, ya = x[:n].cpu(), y[:n].cpu()
-    kw = dict(eps=eps, norm=norm, seed=seed, chunk_size=chunk_size, num_shards=num_shards)
+    kw = dict(eps=eps, norm=norm, seed=seed, chunk_size=chunk_size, num_shards=num_shards, resume_dir=resume_dir,
+              resume_identity=resume_identity)
     shown = None if verbose else False  # bars when interactive (progress_enabled())
     bpda = bpda_accuracy(purified, xa, ya, eot_samples=eot_samples, progress=shown, label=label, **kw)
     transfer = transfer_accuracy(purified, xa, ya, progress=shown, label=label, **kw)

@@ -114,6 +114,8 @@ def evaluate(
     ray_address: Optional[str] = None,
     verbose: bool = True,
     backend: str = "ray",
+    resume_dir: Optional["Where"] = None,
+    resume_identity: str = "",
 ) -> Dict[str, Any]:
     """Evaluate `model` (logits from [0,1] images) on the first `n` test images.
 
@@ -126,6 +128,11 @@ def evaluate(
     each decision a majority vote over several passes). Outputs that are probabilities are flagged
     `softmax_output` and attacked both as they are and on their logarithm; the lower robust accuracy is reported.
     `result["autoattack"]["attack"]` names what produced the number, e.g. "AutoAttack (rand, EOT=20)".
+
+    `resume_dir` (a local path or URI): every finished AutoAttack chunk is saved there as it finishes, keyed
+    by the model's weights, the images and the attack settings (plus `resume_identity`, e.g. a checkpoint's
+    sha256); a rerun after an interruption reads those chunks back and attacks only the others, with the
+    same result. `result["autoattack"]["chunks"]` counts them: {"total", "resumed", "computed"}.
 
     Example:
         >>> res = rayrobust.evaluate(my_model, "fashion_mnist", eps=0.1, n=500, n_autoattack=100)
@@ -183,6 +190,13 @@ def evaluate(
                             + ("" if target == "outputs" else f" on {target}"), enabled=None if verbose else False)
             shown = {"progress": None if bar.enabled else _printer(verbose, label),
                      "on_chunk": bar.chunk if bar.enabled else None}
+            if resume_dir is not None:
+                from .resume import ChunkStore
+
+                shown["store"] = ChunkStore.open(
+                    resume_dir, "autoattack" if target == "outputs" else "autoattack-log", attacked, xa, ya,
+                    {"eps": eps, "norm": norm, "version": aa_version, "seed": seed, "chunk_size": chunk_size,
+                     "target": target, "identity": resume_identity})
             with bar:
                 if backend == "local":
                     aa = local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
@@ -199,6 +213,8 @@ def evaluate(
                                 "seed": seed, "n": n_autoattack, "backend": backend, "num_shards": aa["num_shards"],
                                 "chunk_size": chunk_size, "seconds": sum(run[1]["seconds"] for run in runs),
                                 "workers": aa["workers"], "nodes": aa["nodes"]}
+        if "chunks" in aa:
+            result["autoattack"]["chunks"] = aa["chunks"]
         if aa_version != version:
             result["autoattack"]["version_requested"] = version
         if len(runs) > 1:  # probabilities: attacked on the outputs and on their log, the lower one reported
@@ -247,15 +263,19 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
     ec = cfg.eval
     data_name = payload["config"]["data"]["name"]
     ds = load_dataset(data_name, "test", root=cfg.data.root, download=cfg.data.download, limit=ec.n_eval)
+    sha = checkpoint_sha256(checkpoint)
+    # Finished attack chunks are saved beside the result as they finish: an interrupted evaluation resumes.
+    resume = {"resume_dir": as_location(out_path).parent if out_path is not None else None, "resume_identity": sha}
     res = evaluate(decision, ds, eps=ec.eps, norm=ec.norm, n=ec.n_eval, n_autoattack=ec.n_autoattack,
                    pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
-                   batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name, ray_address=cfg.ray_address)
+                   batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name,
+                   ray_address=cfg.ray_address, **resume)
     if getattr(method, "purifies", False):  # purify -> classify (srd): add BPDA + EOT and the non-adaptive number
         from .adaptive import evaluate_purified
 
         evaluate_purified(decision, ds.x[:ec.n_eval], ds.y[:ec.n_eval], res, eps=ec.eps, norm=ec.norm, seed=ec.seed,
                           eot_samples=ec.eot_samples, chunk_size=ec.chunk_size, num_shards=ec.num_shards,
-                          label=label or method_name)
+                          label=label or method_name, **resume)
     if getattr(method, "certifiable", False):  # ClusTR: its l2 certificate (reconstructed), checked by an attack
         from ..certify import certify
 
@@ -265,7 +285,7 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
         res["flags"] = res["flags"] + res["certificate"]["flags"]
     res["method"] = method_name
     res["provenance"] = provenance(config=cfg.to_dict(), seed=ec.seed, checkpoint=checkpoint.uri,
-                                   checkpoint_sha256=checkpoint_sha256(checkpoint), trained_with=payload["config"])
+                                   checkpoint_sha256=sha, trained_with=payload["config"])
     if out_path is not None:
         write_json(out_path, res)
     return res
