@@ -37,6 +37,7 @@ from ..attacks.autoattack import (_build, _cuda_devices, _orchestrate, _verify, 
 from ..attacks.pgd import eval_mode, frozen_params, model_device
 from ..errors import ConfigError
 from ..progress import AttackBar
+from .resume import ChunkStore
 from .sharded import restore_chunks
 
 ADAPTIVE_MODE = "adaptive (end to end through the unrolled purifier)"
@@ -163,7 +164,7 @@ def bpda_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     `resume_dir`: finished chunks are saved there and read back by a rerun (see `evaluation.resume`)."""
     t0 = time.perf_counter()
     kw = {"eps": eps, "norm": norm, "attacks": list(attacks), "eot_samples": eot_samples}
-    store = _store(resume_dir, "bpda", purified, x, y, {**kw, "seed": seed, "chunk_size": chunk_size,
+    store = ChunkStore.maybe_open(resume_dir, "bpda", purified, x, y, {**kw, "seed": seed, "chunk_size": chunk_size,
                                                         "identity": resume_identity})
     with AttackBar(len(x), list(attacks), f"  [{label}] BPDA + EOT", enabled=progress) as bar:
         parts = _run_chunks(_bpda_task, purified, x, y, seed=seed, chunk_size=chunk_size, num_shards=num_shards,
@@ -177,14 +178,6 @@ def bpda_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
             **({"chunks": store.counts(len(parts))} if store is not None else {})}
 
 
-def _store(resume_dir, kind, model, x, y, settings):
-    if resume_dir is None:
-        return None
-    from .resume import ChunkStore
-
-    return ChunkStore.open(resume_dir, kind, model, x, y, settings)
-
-
 def transfer_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
                       seed: int = 0, chunk_size: int = 100, num_shards: int = 2,
                       attacks: Sequence[str] = APGD_ATTACKS, progress: Optional[bool] = None,
@@ -193,7 +186,7 @@ def transfer_accuracy(purified: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     and `resume_dir` as in `bpda_accuracy` (the bar counts the bare classifier's robust points)."""
     t0 = time.perf_counter()
     kw = {"eps": eps, "norm": norm, "attacks": list(attacks)}
-    store = _store(resume_dir, "transfer", purified, x, y, {**kw, "seed": seed, "chunk_size": chunk_size,
+    store = ChunkStore.maybe_open(resume_dir, "transfer", purified, x, y, {**kw, "seed": seed, "chunk_size": chunk_size,
                                                             "identity": resume_identity})
     with AttackBar(len(x), list(attacks), f"  [{label}] non-adaptive (bare classifier)", enabled=progress) as bar:
         parts = _run_chunks(_transfer_task, purified, x, y, seed=seed, chunk_size=chunk_size,

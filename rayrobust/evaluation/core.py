@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..io import provenance, write_json
 from ..location import Where, as_location
 from ..progress import AttackBar
+from .resume import ChunkStore
 
 DatasetLike = Union[str, Tuple[torch.Tensor, torch.Tensor], Any]
 BACKENDS = ("ray", "local")  # where AutoAttack runs: sharded over Ray actors, or in this process
@@ -190,13 +191,10 @@ def evaluate(
                             + ("" if target == "outputs" else f" on {target}"), enabled=None if verbose else False)
             shown = {"progress": None if bar.enabled else _printer(verbose, label),
                      "on_chunk": bar.chunk if bar.enabled else None}
-            if resume_dir is not None:
-                from .resume import ChunkStore
-
-                shown["store"] = ChunkStore.open(
-                    resume_dir, "autoattack" if target == "outputs" else "autoattack-log", attacked, xa, ya,
-                    {"eps": eps, "norm": norm, "version": aa_version, "seed": seed, "chunk_size": chunk_size,
-                     "target": target, "identity": resume_identity})
+            shown["store"] = ChunkStore.maybe_open(
+                resume_dir, "autoattack" if target == "outputs" else "autoattack-log", attacked, xa, ya,
+                {"eps": eps, "norm": norm, "version": aa_version, "seed": seed, "chunk_size": chunk_size,
+                 "target": target, "identity": resume_identity})
             with bar:
                 if backend == "local":
                     aa = local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,

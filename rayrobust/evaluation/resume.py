@@ -76,6 +76,12 @@ class ChunkStore:
         key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
         return cls(root, kind, key, described)
 
+    @classmethod
+    def maybe_open(cls, root, kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   settings: Dict[str, Any]) -> Optional["ChunkStore"]:
+        """`open`, or None when `root` is None (nothing is saved)."""
+        return None if root is None else cls.open(root, kind, model, x, y, settings)
+
     def _path(self, k: int):
         return self.dir / f"chunk_{k:05d}.json"
 
