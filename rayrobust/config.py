@@ -140,6 +140,8 @@ class EvalConfig:
     checks: bool = True  # run the sanity checks and attach their flags
     seed: int = 0
     eot_samples: int = 1  # purifier defenses' BPDA attack: gradients averaged over this many calls (EOT)
+    eps_curve: bool = True  # APGD-CE + APGD-T at eps/2, eps, 3eps/2, 2eps on the AutoAttack images (the report's curve)
+    gallery: int = 8  # AutoAttack's adversarial examples kept for the report (0 = none)
 
     def __post_init__(self) -> None:
         _check_eps("eval.eps", self.eps)
@@ -151,6 +153,7 @@ class EvalConfig:
         _check(self.num_shards >= 1, f"eval.num_shards={self.num_shards} must be >= 1")
         _check(self.chunk_size >= 1, f"eval.chunk_size={self.chunk_size} must be >= 1")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        _check(0 <= self.gallery <= 64, f"eval.gallery={self.gallery} must be between 0 and 64 (examples shown in the report)")
 
 
 STORAGE_ENV = "RAYROBUST_STORAGE_PATH"  # the storage root of relative run_dirs on a cluster (cluster.yaml sets it)
