@@ -146,6 +146,42 @@ def latest_valid_checkpoint(directory: Where) -> Optional[Location]:
     return found[0] if found else None
 
 
+def best_validation_epoch(history: List[Dict[str, Any]]) -> Optional[Tuple[int, str, float]]:
+    """(epoch, metric, value) of the epoch with the highest validation PGD accuracy (`val_pgd<k>_acc`; the
+    earliest on ties), or None when no epoch was validated under attack."""
+    best = None
+    for m in history:
+        key = next((k for k in m if k.startswith("val_pgd") and k.endswith("_acc")), None)
+        if key is not None and (best is None or m[key] > best[2]):
+            best = (int(m["epoch"]), key, float(m[key]))
+    return best
+
+
+def selected_checkpoint(directory: Where) -> Optional[Tuple[Location, Dict[str, Any]]]:
+    """(path, selection) of the checkpoint a run is evaluated from: the newest valid one, or, when it was
+    trained with `train.early_stopping` (Rice et al. 2020), the epoch with the best validation PGD accuracy.
+    `selection` says which: {"rule", "epoch", ("metric", "value")}. None when there is no valid checkpoint."""
+    found = load_latest_checkpoint(directory)
+    if found is None:
+        return None
+    path, payload = found
+    latest = {"rule": "last epoch", "epoch": int(payload["epoch"])}
+    if not payload.get("config", {}).get("train", {}).get("early_stopping"):
+        return path, latest
+    best = best_validation_epoch(payload.get("history", []))
+    if best is None:
+        return path, dict(latest, rule="last epoch (early stopping found no validation PGD accuracy)")
+    epoch, key, value = best
+    chosen = as_location(directory) / checkpoint_name(epoch)
+    try:
+        load_checkpoint(chosen)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"warning: early stopping's epoch {epoch} is unusable ({str(e).splitlines()[0][:200]}); "
+              f"using the last epoch", flush=True)
+        return path, dict(latest, rule="last epoch (the best validation epoch's checkpoint is unusable)")
+    return chosen, {"rule": f"early stopping: best {key}", "epoch": epoch, "metric": key, "value": value}
+
+
 def model_from_checkpoint(path: Where, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     return model_from_payload(load_checkpoint(path), path, device=device)

@@ -28,11 +28,48 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _check_eps(name: str, value: float) -> None:
+NORMS = ("Linf", "L2")
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand")  # rand: EOT, for randomized models
+LR_SCHEDULES = ("one_cycle", "piecewise")
+AUGMENT_PADDING = ("zeros", "reflect")
+# Image shapes (C, H, W) of the built-in datasets: an L2 budget is checked against their diameter and
+# `data.augment: null` is resolved for them when the config is read (other datasets: when their images load).
+KNOWN_SHAPES = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "digits": (1, 8, 8)}
+
+
+def _check_eps(name: str, value: float, norm: str = "Linf") -> None:
+    if norm == "L2":
+        _check(value > 0, f"{name}={value} must be > 0: an L2 budget in [0,1] pixel units (e.g. 0.5 on CIFAR-10)")
+        return
     _check(
         0.0 < value <= 1.0,
         f"{name}={value} is outside (0, 1]: budgets are in [0,1] pixel units (e.g. 0.1 for Fashion-MNIST, 0.0314 for 8/255)",
     )
+
+
+def input_diameter(shape) -> float:
+    """The L2 distance between an all-black and an all-white image of shape (C, H, W): sqrt(C*H*W)."""
+    c, h, w = shape
+    return float(c * h * w) ** 0.5
+
+
+def check_budget(name: str, eps: float, norm: str, shape=None) -> None:
+    """A ConfigError when `eps` is not a usable `norm` budget ([0,1] pixel units) for images of `shape`:
+    L-inf in (0, 1]; L2 in (0, sqrt(C*H*W)] (no L2 perturbation of a [0,1] image is longer)."""
+    _check(norm in NORMS, f"{name.rsplit('.', 1)[0]}.norm={norm!r} is unknown; use 'Linf' or 'L2'")
+    _check_eps(name, eps, norm)
+    if norm == "L2" and shape is not None:
+        d = input_diameter(shape)
+        _check(eps <= d, f"{name}={eps} is larger than the diameter {d:.4g} of the {'x'.join(map(str, shape))} "
+                         f"input space (sqrt(C*H*W)): no L2 perturbation is that long; use an eps <= {d:.4g} "
+                         f"(e.g. 0.5 on CIFAR-10, 3.0 on ImageNet)")
+
+
+def resolve_augment(augment: Optional[bool], shape) -> bool:
+    """`data.augment` in force: null (auto) means on for 32x32 images (random crop + flip), off otherwise."""
+    if augment is not None:
+        return bool(augment)
+    return tuple(shape[1:]) == (32, 32)
 
 
 @dataclass
@@ -45,8 +82,19 @@ class DataConfig:
     # Stream the training images from Ray Data (read by the workers, never loaded on the driver) instead of
     # loading the split into every training worker. Always on for `parquet` datasets (docs/data.md).
     stream: bool = False
+    # Training augmentation: random crop (pad `augment_pad`, `augment_padding`) + horizontal flip, seeded by
+    # (seed, epoch, step, rank) and applied on the batch's device. null = auto: on for 32x32 images, off for
+    # others (28x28 Fashion-MNIST, 8x8 digits); resolved when the config is read for built-in datasets.
+    augment: Optional[bool] = None
+    augment_pad: int = 4  # pixels of padding before the random 32x32 (HxW) crop
+    augment_padding: str = "zeros"  # zeros (torchvision RandomCrop(padding=4), as Rice et al.) or reflect
 
     def __post_init__(self) -> None:
+        if self.augment is None and self.name in KNOWN_SHAPES:
+            self.augment = resolve_augment(None, KNOWN_SHAPES[self.name])
+        _check(self.augment_pad >= 0, f"data.augment_pad={self.augment_pad} must be >= 0 (4 for CIFAR)")
+        _check(self.augment_padding in AUGMENT_PADDING,
+               f"data.augment_padding={self.augment_padding!r} is unknown; use 'zeros' or 'reflect'")
         _check(self.train_limit is None or self.train_limit > 0, f"data.train_limit={self.train_limit} must be a positive integer or null")
         _check(self.val_size >= 0, f"data.val_size={self.val_size} must be >= 0")
         if self.name == "parquet":
@@ -76,10 +124,17 @@ class TrainConfig:
     method: str = "pgd_at"  # method registry name (see `rayrobust.methods.METHODS`)
     epochs: int = 3
     batch_size: int = 128  # global batch, split across Ray Train workers
-    lr: float = 0.05  # SGD learning rate for the global batch, peak of a one-cycle schedule
+    lr: float = 0.05  # SGD learning rate for the global batch: the one-cycle peak, or the piecewise start
+    lr_schedule: str = "one_cycle"  # one_cycle (linear warm-up 30%, linear decay) or piecewise (x lr_decay at lr_milestones)
+    lr_milestones: List[int] = field(default_factory=lambda: [100, 150])  # piecewise: epochs after which lr decays
+    lr_decay: float = 0.1  # piecewise: factor at each milestone
     momentum: float = 0.9
+    nesterov: bool = True  # Nesterov momentum (Rice et al.'s recipe uses plain momentum: false)
     weight_decay: float = 5e-4
-    eps: float = 0.1  # L-inf training budget in [0,1] pixel units
+    eps: float = 0.1  # training budget in [0,1] pixel units, in `norm`
+    norm: str = "Linf"  # Linf or L2: the threat model every adversarial training method attacks in
+    # Early stopping (Rice et al. 2020): evaluate the epoch with the best validation PGD accuracy, not the last
+    early_stopping: bool = False
     attack_steps: int = 7  # PGD steps for pgd_at / trades (step 2.5*eps/steps)
     trades_beta: float = 6.0  # TRADES KL weight
     num_workers: int = 1  # Ray Train workers
@@ -106,7 +161,13 @@ class TrainConfig:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
-        _check_eps("train.eps", self.eps)
+        _check(self.norm in NORMS, f"train.norm={self.norm!r} is unknown; use 'Linf' or 'L2'")
+        _check_eps("train.eps", self.eps, self.norm)
+        _check(self.lr_schedule in LR_SCHEDULES,
+               f"train.lr_schedule={self.lr_schedule!r} is unknown; use 'one_cycle' or 'piecewise'")
+        _check(all(m >= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(set(self.lr_milestones)),
+               f"train.lr_milestones={self.lr_milestones} must be increasing epochs >= 1 (e.g. [100, 150])")
+        _check(0 < self.lr_decay <= 1, f"train.lr_decay={self.lr_decay} must be in (0, 1] (e.g. 0.1)")
         _check(self.attack_steps >= 1, f"train.attack_steps={self.attack_steps} must be >= 1")
         _check(self.num_workers >= 1, f"train.num_workers={self.num_workers} must be >= 1")
         _check(self.cpus_per_worker >= 1, f"train.cpus_per_worker={self.cpus_per_worker} must be >= 1")
@@ -128,8 +189,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    eps: float = 0.1  # L-inf evaluation budget in [0,1] pixel units
+    eps: float = 0.1  # evaluation budget in [0,1] pixel units, in `norm`
     norm: str = "Linf"  # Linf or L2
+    autoattack_version: str = "standard"  # standard, plus, or rand (EOT; chosen anyway for a random model)
     n_eval: int = 1000  # test images for clean and PGD accuracy
     n_autoattack: int = 200  # the first n of those images also get AutoAttack (0 = skip, labelled)
     pgd_steps: int = 20
@@ -144,9 +206,12 @@ class EvalConfig:
     gallery: int = 8  # AutoAttack's adversarial examples kept for the report (0 = none)
 
     def __post_init__(self) -> None:
-        _check_eps("eval.eps", self.eps)
+        _check(self.norm in NORMS, f"eval.norm={self.norm!r} is unknown; use 'Linf' or 'L2'")
+        _check_eps("eval.eps", self.eps, self.norm)
+        _check(self.autoattack_version in AUTOATTACK_VERSIONS,
+               f"eval.autoattack_version={self.autoattack_version!r} is unknown; use one of: "
+               f"{', '.join(AUTOATTACK_VERSIONS)} (rand: EOT, for randomized models)")
         _check(self.eot_samples >= 1, f"eval.eot_samples={self.eot_samples} must be >= 1 (1 is exact for a deterministic purifier)")
-        _check(self.norm in ("Linf", "L2"), f"eval.norm={self.norm!r} must be 'Linf' or 'L2'")
         _check(self.n_eval >= 1, f"eval.n_eval={self.n_eval} must be >= 1")
         _check(0 <= self.n_autoattack <= self.n_eval, f"eval.n_autoattack={self.n_autoattack} must be between 0 and eval.n_eval={self.n_eval}")
         _check(self.pgd_steps >= 1 and self.pgd_restarts >= 1, "eval.pgd_steps and eval.pgd_restarts must be >= 1")
@@ -203,6 +268,9 @@ class ExperimentConfig:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
         _check(not unknown, f"stages={self.stages}: unknown stage(s) {unknown}; valid stages: {', '.join(PIPELINE_STAGES)}")
         _check(len(self.stages) >= 1, f"stages must list at least one of: {', '.join(PIPELINE_STAGES)}")
+        shape = KNOWN_SHAPES.get(self.data.name)
+        check_budget("train.eps", self.train.eps, self.train.norm, shape)
+        check_budget("eval.eps", self.eval.eps, self.eval.norm, shape)
 
     def run_location(self) -> "Location":  # noqa: F821
         """run_dir as a Location: a URI or an absolute path as given; a relative path under storage_path

@@ -66,10 +66,13 @@ class RunLayout:
         return self.root / "report.html"
 
     def latest_checkpoint(self, method: str, *, hint: Optional[str] = None) -> Location:
-        """The newest valid checkpoint of `method`, or a CheckpointError saying how to make one."""
-        from .checkpoint import latest_valid_checkpoint
+        """The checkpoint `method` is evaluated from: its newest valid one, or under `train.early_stopping` the
+        epoch with the best validation PGD accuracy (`checkpoint.selected_checkpoint`); a CheckpointError
+        saying how to make one when there is none."""
+        from .checkpoint import selected_checkpoint
 
-        found = latest_valid_checkpoint(self.checkpoints(method))
+        found = selected_checkpoint(self.checkpoints(method))
+        found = found[0] if found else None
         if found is None:
             raise CheckpointError(f"no checkpoint for {method} in {self.checkpoints(method)}; "
                                   + (hint or f"run `rayrobust train --method {method}` first or pass --checkpoint"))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import METHODS, Method
-from .perturb import attack_mode, ce_objective, kl_objective, linf_pgd
+from .perturb import attack_mode, ce_objective, check_train_budget, kl_objective, train_pgd
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -17,13 +17,13 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Adversarial(Method):
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, **_):
-        if not 0 < eps <= 1:
-            raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+    def __init__(self, eps: float = 0.1, steps: int = 7, norm: str = "Linf", **_):
+        check_train_budget(eps, norm)
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
-        self.eps = eps  # L-inf budget in [0,1] pixel units
+        self.eps = eps  # budget in [0,1] pixel units, in `norm`
         self.steps = steps
+        self.norm = norm
 
 
 @METHODS.register("standard")
@@ -49,7 +49,8 @@ class PGDAT(_Adversarial):
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
-            x_adv = linf_pgd(bare, x, ce_objective(y), eps=self.eps, step=2.5 * self.eps / self.steps, steps=self.steps)
+            x_adv = train_pgd(bare, x, ce_objective(y), eps=self.eps, step=2.5 * self.eps / self.steps, steps=self.steps,
+                              norm=self.norm)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"train_adv_acc": _accuracy(logits, y)}
@@ -61,8 +62,8 @@ class TRADES(_Adversarial):
 
     name = "trades"
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, beta: float = 6.0, **_):
-        super().__init__(eps=eps, steps=steps)
+    def __init__(self, eps: float = 0.1, steps: int = 7, beta: float = 6.0, norm: str = "Linf", **_):
+        super().__init__(eps=eps, steps=steps, norm=norm)
         if beta < 0:
             raise ConfigError(f"trades beta={beta} must be >= 0")
         self.beta = beta
@@ -70,9 +71,9 @@ class TRADES(_Adversarial):
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
             clean_eval = bare(x).detach()
-            x_adv = linf_pgd(
+            x_adv = train_pgd(
                 bare, x, kl_objective(clean_eval), eps=self.eps, step=2.5 * self.eps / self.steps,
-                steps=self.steps, random_start=True,
+                steps=self.steps, norm=self.norm, random_start=True,
             )
         logits = model(torch.cat([x, x_adv]))  # (2N, classes): one pass for both terms
         clean, adv = logits.chunk(2)
@@ -87,12 +88,13 @@ class FGSMRS(_Adversarial):
 
     name = "fgsm_rs"
 
-    def __init__(self, eps: float = 0.1, **_):
-        super().__init__(eps=eps, steps=1)
+    def __init__(self, eps: float = 0.1, norm: str = "Linf", **_):
+        super().__init__(eps=eps, steps=1, norm=norm)
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
-            x_adv = linf_pgd(bare, x, ce_objective(y), eps=self.eps, step=1.25 * self.eps, steps=1)
+            x_adv = train_pgd(bare, x, ce_objective(y), eps=self.eps, step=1.25 * self.eps, steps=1,
+                              norm=self.norm)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"train_adv_acc": _accuracy(logits, y)}

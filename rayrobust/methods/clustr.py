@@ -48,7 +48,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import METHODS, Method
-from .perturb import attack_mode, kl_objective, linf_pgd
+from .perturb import attack_mode, check_train_budget, kl_objective, train_pgd
 
 KMEANS_ITERS = 25  # Lloyd iterations per k-means run
 KMEANS_N_INIT = 2  # k-means++ restarts per class; the lowest inertia wins
@@ -280,10 +280,10 @@ class ClusTRQTRADES(ClusTR):
     name = "clustr_qtrades"
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, qtrades_weight: float = 8.0, **kwargs: Any):
+    def __init__(self, eps: float = 0.1, qtrades_weight: float = 8.0, norm: str = "Linf", **kwargs: Any):
         super().__init__(**kwargs)
-        if not 0 < eps <= 1:
-            raise ConfigError(f"train.eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+        check_train_budget(eps, norm)
+        self.norm = norm
         if not qtrades_weight >= 0:
             raise ConfigError(f"train.qtrades_weight={qtrades_weight} must be >= 0 (QTRADES weight λ; 8 in ClusTR)")
         self.eps = float(eps)
@@ -294,7 +294,8 @@ class ClusTRQTRADES(ClusTR):
             decision = self.decision(bare)
             with torch.no_grad():
                 clean_logits = decision(x)
-            x_adv = linf_pgd(decision, x, kl_objective(clean_logits), eps=self.eps, step=1.25 * self.eps, steps=1)
+            x_adv = train_pgd(decision, x, kl_objective(clean_logits), eps=self.eps, step=1.25 * self.eps, steps=1,
+                              norm=self.norm)
         r, anchor = _latent(model, torch.cat([x, x_adv]))  # one forward for both halves
         r_clean, r_adv = r[: len(x)].float(), r[len(x):].float()
         clusters = self.batch_clusters(r_clean, y)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import METHODS, Method
-from .perturb import attack_mode, ce_objective, linf_pgd
+from .perturb import attack_mode, ce_objective, check_train_budget, train_pgd
 
 
 def simplex_distance(num_classes: int) -> float:
@@ -186,18 +186,18 @@ class DRPAT(DRP):
     name = "drp_at"
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, **kwargs):
+    def __init__(self, eps: float = 0.1, steps: int = 7, norm: str = "Linf", **kwargs):
         super().__init__(**kwargs)
-        if not 0 < eps <= 1:
-            raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+        check_train_budget(eps, norm)
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
         self.eps = eps
         self.steps = steps
+        self.norm = norm
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
-            x_adv = linf_pgd(self.decision(bare), x, ce_objective(y), eps=self.eps,
-                             step=2.5 * self.eps / self.steps, steps=self.steps)
+            x_adv = train_pgd(self.decision(bare), x, ce_objective(y), eps=self.eps,
+                              step=2.5 * self.eps / self.steps, steps=self.steps, norm=self.norm)
         loss, logits = self.prototype_loss(model(x_adv), y)
         return loss, {"train_adv_acc": (logits.argmax(1) == y).float().mean().detach()}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .base import METHODS
 from .baselines import _Adversarial, _accuracy
-from .perturb import attack_mode, ce_objective, linf_pgd
+from .perturb import attack_mode, ce_objective, train_pgd
 
 SPAT_WEIGHTS = ("fisher", "saliency")
 
@@ -83,8 +83,9 @@ class SPAT(_Adversarial):
 
     name = "spat"
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, spat_weights: str = "fisher", spat_w_min: float = 0.5, **_):
-        super().__init__(eps=eps, steps=steps)
+    def __init__(self, eps: float = 0.1, steps: int = 7, spat_weights: str = "fisher", spat_w_min: float = 0.5,
+                 norm: str = "Linf", **_):
+        super().__init__(eps=eps, steps=steps, norm=norm)
         if spat_weights not in SPAT_WEIGHTS:
             raise ConfigError(f"spat_weights={spat_weights!r} must be one of {', '.join(SPAT_WEIGHTS)}")
         if not 0 < spat_w_min <= 1:
@@ -119,8 +120,8 @@ class SPAT(_Adversarial):
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
             w = self._weight(bare, x)
-            x_adv = linf_pgd(bare, x, ce_objective(y), eps=self.eps, step=2.5 * self.eps / self.steps,
-                             steps=self.steps, weight=w)
+            x_adv = train_pgd(bare, x, ce_objective(y), eps=self.eps, step=2.5 * self.eps / self.steps,
+                              steps=self.steps, norm=self.norm, weight=w)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"train_adv_acc": _accuracy(logits, y), "spat_mean_w": w.mean().detach()}

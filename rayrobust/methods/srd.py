@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from .base import METHODS, Method
 from .baselines import _accuracy
-from .perturb import attack_mode, linf_pgd
+from .perturb import attack_mode, check_train_budget, train_pgd
 
 PURIFIER_PARAMS = ("patch_size", "patch_stride", "sparsity", "fista_iters", "blur_sigma")
 _INT_PARAMS = ("patch_size", "patch_stride", "fista_iters")
@@ -83,9 +83,9 @@ class SRD(Method):
     purifies = True  # evaluated with the adaptive purifier protocol (evaluation/adaptive.py)
 
     def __init__(self, eps: float = 0.1, steps: int = 7, srd_lambda: float = 0.1,
-                 srd_fista_iters: Optional[int] = None, **_):
-        if not 0 < eps <= 1:
-            raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+                 srd_fista_iters: Optional[int] = None, norm: str = "Linf", **_):
+        check_train_budget(eps, norm)
+        self.norm = norm
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
         if srd_lambda < 0:
@@ -162,8 +162,8 @@ class SRD(Method):
         with attack_mode(model) as b:
             with torch.no_grad():
                 k_star = self.nearest_class_cluster(b.forward_features(x), y)  # (N,) from the clean latent
-            x_adv = linf_pgd(_LogitsAndLatent(b), x, self.objective(y, k_star), eps=self.eps,
-                             step=2.5 * self.eps / self.steps, steps=self.steps)
+            x_adv = train_pgd(_LogitsAndLatent(b), x, self.objective(y, k_star), eps=self.eps,
+                              step=2.5 * self.eps / self.steps, steps=self.steps, norm=self.norm)
         captured: Dict[str, torch.Tensor] = {}
         # The latent is the head's input: a pre-hook reads it while the forward goes through `model`
         # itself (DistributedDataParallel synchronises gradients only for its own forward).

@@ -4,18 +4,21 @@ In memory (`train_epoch`): whole tensors (Fashion-MNIST/CIFAR scale); each worke
 slice of an epoch permutation seeded by (seed, epoch), so a resumed run replays the same batches.
 Streamed (`train_epoch_stream`): batches of uint8 images from a Ray Data shard
 (`stream_batches`), shuffled locally with a seed of (seed, epoch) (docs/data.md says what replays).
+Both apply `augment` (random crop + flip, `rayrobust.train.augment`) on the batch's device, seeded by
+(seed, epoch, step, rank), and follow the one-cycle or the piecewise learning-rate schedule.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..methods import Method
 from ..progress import Bar
+from .augment import Augment
 
 
 @dataclass
@@ -50,8 +53,30 @@ def one_cycle_lr(step: int, total: int, peak: float, warmup: float = 0.3) -> flo
     return peak * (t / warmup if t < warmup else max(0.0, (1 - t) / (1 - warmup)))
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+def piecewise_lr(epoch: int, lr: float, milestones: Sequence[int] = (100, 150), decay: float = 0.1) -> float:
+    """`lr` times `decay` for every milestone the (0-based) epoch has reached: with milestones (100, 150) epochs
+    0-99 train at lr, 100-149 at lr/10, 150+ at lr/100 (Rice et al. 2020's piecewise schedule, 200 epochs)."""
+    return lr * decay ** sum(epoch >= m for m in milestones)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule: `one_cycle` (peak `lr`, per step) or `piecewise` (per epoch)."""
+
+    kind: str = "one_cycle"
+    milestones: Tuple[int, ...] = (100, 150)
+    decay: float = 0.1
+
+    def lr(self, *, epoch: int, step: int, steps: int, epochs: int, lr: float) -> float:
+        if self.kind == "piecewise":
+            return piecewise_lr(epoch, lr, self.milestones, self.decay)
+        return one_cycle_lr(epoch * steps + step, epochs * steps, lr)
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                   nesterov: bool = True) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov and momentum > 0)
 
 
 def _step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -129,8 +154,12 @@ def train_epoch(
     channels_last: bool = False,
     log: Optional[Callable[[str], None]] = None,
     progress: Optional[bool] = None,
+    augment: Optional[Augment] = None,
+    schedule: Schedule = Schedule(),
 ) -> Dict[str, float]:
     """Train one epoch; returns mean loss, mean method metrics, images/s and seconds.
+
+    `augment` (None: none) transforms every batch on `device`, seeded by (seed, epoch, step, rank).
 
     `progress` (None: `rayrobust.progress.progress_enabled()`) draws a bar over the epoch's images (rate,
     ETA, running loss) in place of `log`'s step lines; the loss is read at the step lines' cadence."""
@@ -138,17 +167,18 @@ def train_epoch(
     xy = ((data.x_train[idx], data.y_train[idx]) for idx in batches)
     return _fit_batches(model, method, optimizer, xy, steps=len(batches), epoch=epoch, epochs=epochs,
                         batch_size=batch_size, lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
-                        log=log, progress=progress)
+                        log=log, progress=progress, augment=augment, schedule=schedule, seed=seed, rank=rank)
 
 
 def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
                  xy: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, steps: int, epoch: int, epochs: int,
                  batch_size: int, lr: float, device: torch.device, amp_dtype: Optional[torch.dtype],
                  channels_last: bool, log: Optional[Callable[[str], None]],
-                 progress: Optional[bool] = None) -> Dict[str, float]:
-    """One epoch's optimisation over (x in [0,1], y) batches: the one-cycle schedule, the method's step, mean
-    metrics. Trains exactly `steps` batches; later ones are read and dropped (a stream's epoch must end)."""
-    total_steps = epochs * steps
+                 progress: Optional[bool] = None, augment: Optional[Augment] = None,
+                 schedule: Schedule = Schedule(), seed: int = 0, rank: int = 0) -> Dict[str, float]:
+    """One epoch's optimisation over (x in [0,1], y) batches: the schedule, the augmentation (on `device`), the
+    method's step, mean metrics. Trains exactly `steps` batches; later ones are read and dropped (a stream's
+    epoch must end)."""
     sums = _Sums(device)
     start = time.perf_counter()
     report_every = max(1, steps // 4)
@@ -158,9 +188,11 @@ def _fit_batches(model: nn.Module, method: Method, optimizer: torch.optim.Optimi
         if done == steps:
             continue  # drain: a streamed shard's epoch ends when its iterator is exhausted
         for group in optimizer.param_groups:
-            group["lr"] = one_cycle_lr(epoch * steps + done, total_steps, lr)
+            group["lr"] = schedule.lr(epoch=epoch, step=done, steps=steps, epochs=epochs, lr=lr)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x, seed=seed, epoch=epoch, step=done, rank=rank)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, metrics = _step(model, method, optimizer, x, y, amp_dtype)
@@ -223,6 +255,10 @@ def train_epoch_stream(
     channels_last: bool = False,
     log: Optional[Callable[[str], None]] = None,
     progress: Optional[bool] = None,
+    augment: Optional[Augment] = None,
+    schedule: Schedule = Schedule(),
+    seed: int = 0,
+    rank: int = 0,
 ) -> Dict[str, float]:
     """`train_epoch` over streamed batches ({"image": uint8 (B,C,H,W), "label": (B,)}; image / scale is in [0,1]).
 
@@ -236,18 +272,19 @@ def train_epoch_stream(
     xy = ((b["image"].to(device, non_blocking=True).float().div_(scale), b["label"].long()) for b in batches)
     return _fit_batches(model, method, optimizer, xy, steps=steps, epoch=epoch, epochs=epochs, batch_size=batch_size,
                         lr=lr, device=device, amp_dtype=amp_dtype, channels_last=channels_last, log=log,
-                        progress=progress)
+                        progress=progress, augment=augment, schedule=schedule, seed=seed, rank=rank)
 
 
 def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, pgd_steps: int, seed: int,
-             batch_size: int = 500) -> Dict[str, float]:
-    """Clean and PGD accuracy (L-inf, `pgd_steps` steps, labelled weaker than AutoAttack) on the validation set."""
+             batch_size: int = 500, norm: str = "Linf") -> Dict[str, float]:
+    """Clean and PGD accuracy (`norm`, the training threat model; `pgd_steps` steps, labelled weaker than
+    AutoAttack) on the validation set."""
     from ..attacks import ATTACKS, accuracy, robust_accuracy
 
     was = model.training
     model.eval()
     try:
-        attack = ATTACKS.create("pgd", model=model, eps=eps, norm="Linf", steps=pgd_steps, seed=seed)
+        attack = ATTACKS.create("pgd", model=model, eps=eps, norm=norm, steps=pgd_steps, seed=seed)
         return {"val_clean_acc": accuracy(model, x, y, batch_size),
                 f"val_pgd{pgd_steps}_acc": robust_accuracy(model, attack, x, y, batch_size)}
     finally:

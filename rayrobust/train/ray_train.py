@@ -8,7 +8,7 @@ a local path or a storage URI (s3://, gs://, file://). Every epoch rank 0 report
 `<run_dir>/checkpoints/epoch_003/`. Every (re)start of the worker function — a Ray Train restart after
 a lost worker, or a resubmitted job, on any node — continues from `ray.train.get_checkpoint()` (Ray
 Train restores it from the run's storage), else from the newest valid checkpoint listed there; epoch
-batches and RNG are seeded by (seed, epoch), so a resumed run replays an uninterrupted one. No node
+batches, augmentation and RNG are seeded by (seed, epoch), so a resumed run replays an uninterrupted one. No node
 needs a shared filesystem. Rank 0 also writes `<run_dir>/metrics.jsonl`; each worker records its pid
 and node in `<run_dir>/workers/rank<r>.json` (where to look when a node misbehaves); checkpoints
 record the node of every rank in `provenance.worker_nodes`.
@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..checkpoint import checkpoint_name, load_checkpoint, load_latest_checkpoint, save_checkpoint
+from ..checkpoint import (checkpoint_name, load_checkpoint, load_latest_checkpoint, save_checkpoint,
+                          selected_checkpoint)
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import CheckpointError, ConfigError, RayRobustError
 from ..io import provenance, write_json, write_jsonl
@@ -33,7 +34,8 @@ from ..progress import progress_enabled
 from ..raycluster import ensure_ray
 
 # What must match for a checkpoint to be continued by a new `fit` call.
-_IDENTITY = (("train", "method"), ("model", "name"), ("data", "name"), ("train", "eps"), ("train", "seed"))
+_IDENTITY = (("train", "method"), ("model", "name"), ("data", "name"), ("train", "eps"), ("train", "norm"),
+             ("train", "seed"))
 
 
 @dataclass
@@ -58,7 +60,7 @@ def check_identity(payload: Dict[str, Any], cfg: ExperimentConfig, run_dir: Loca
     """A ConfigError when `payload` is a checkpoint of another run (method, model, data, eps or seed differ)."""
     old, new = payload["config"], cfg.to_dict()
     for section, key in _IDENTITY:
-        if old[section][key] != new[section][key]:
+        if old[section].get(key, "Linf" if key == "norm" else None) != new[section][key]:  # older runs: L-inf
             raise ConfigError(
                 f"{run_dir} holds a run with {section}.{key}={old[section][key]!r}, not {new[section][key]!r}; "
                 "use another run_dir (--set run_dir=...) or delete the old one"
@@ -107,7 +109,10 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     from ..methods import create_method, method_kwargs
     from ..models import create_model
     from .devices import bind_device, worker_device
-    from .loop import Split, make_optimizer, stream_batches, train_epoch, train_epoch_stream, train_val_split, validate
+    from ..config import check_budget, resolve_augment
+    from .augment import Augment
+    from .loop import (Schedule, Split, make_optimizer, stream_batches, train_epoch, train_epoch_stream,
+                       train_val_split, validate)
     from .stream import check_streamable, load_validation
 
     cfg = config_from_dict(loop_config["config"])
@@ -135,6 +140,13 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                              std=tuple(plan["std"]))
         x_val, y_val = load_validation(plan) if rank == 0 else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
         data = Split(None, None, x_val, y_val)
+    check_budget("train.eps", tc.eps, tc.norm, ds.shape)  # an L2 budget no longer than the input's diameter
+    augment = Augment(pad=cfg.data.augment_pad, padding=cfg.data.augment_padding) \
+        if resolve_augment(cfg.data.augment, ds.shape) else None
+    schedule = Schedule(tc.lr_schedule, tuple(tc.lr_milestones), tc.lr_decay)
+    if log:
+        log(f"augmentation: {augment.describe() if augment else 'none'}; lr schedule: {tc.lr_schedule}; "
+            f"train {tc.norm} eps={tc.eps:g}")
     # Every TrainConfig field reaches the method; it uses what it needs. No global RNG is drawn here.
     method = create_method(tc.method, num_classes=ds.num_classes, **method_kwargs(tc))
     if plan is not None:
@@ -149,7 +161,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                          input_size=ds.shape[1], mean=ds.mean, std=ds.std)
     if init and init.get("model") is not None:  # initial weights from another checkpoint (srd: the source model)
         model.load_state_dict(init["model"])
-    optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay)
+    optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay, nesterov=tc.nesterov)
     history: List[Dict[str, Any]] = []
     start_epoch = 0
     payload = _resume_payload(run_dir, log)
@@ -180,7 +192,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             stats = train_epoch(
                 model, method, optimizer, data, epoch=epoch, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
                 seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
-                channels_last=tc.channels_last, log=log, progress=progress,
+                channels_last=tc.channels_last, log=log, progress=progress, augment=augment, schedule=schedule,
             )
         else:
             batches = stream_batches(ray.train.get_dataset_shard("train"), tc.batch_size, epoch=epoch, seed=tc.seed,
@@ -188,15 +200,16 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
             stats = train_epoch_stream(
                 model, method, optimizer, batches, epoch=epoch, epochs=tc.epochs, steps=plan["steps"],
                 batch_size=tc.batch_size, lr=tc.lr, scale=plan["scale"], device=device, amp_dtype=amp_dtype,
-                channels_last=tc.channels_last, log=log, progress=progress,
+                channels_last=tc.channels_last, log=log, progress=progress, augment=augment, schedule=schedule,
+                seed=tc.seed, rank=rank,
             )
         # Prepare the next epoch from these weights (those it starts from) before validation and the
         # checkpoint, so the checkpoint's method_state (ClusTR's clusters) matches its weights.
         method.begin_epoch(bare, data.x_train, data.y_train, epoch + 1, device)
-        metrics = {"epoch": epoch + 1, **stats}
+        metrics = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
         if rank == 0 and len(data.x_val):
             metrics.update(validate(method.decision(bare), data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
-                                    pgd_steps=tc.val_pgd_steps, seed=tc.seed))
+                                    pgd_steps=tc.val_pgd_steps, seed=tc.seed, norm=tc.norm))
         metrics["seconds"] = time.perf_counter() - t0
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if rank == 0:
@@ -211,7 +224,8 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                 "config": cfg.to_dict(),
                 "model_meta": meta,
                 "method_state": {k: v.detach().cpu() for k, v in method.state_dict().items()},
-                "provenance": provenance(seed=tc.seed, world_size=world, device=str(device), worker_nodes=nodes),
+                "provenance": provenance(seed=tc.seed, world_size=world, device=str(device), worker_nodes=nodes,
+                                         augment=augment.describe() if augment else "none"),
             }, epoch + 1)
         else:
             ray.train.report(scalars)  # every rank reports each epoch (a barrier); rank 0 brings the checkpoint
@@ -307,10 +321,16 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
     if found is None:
         raise RayRobustError(f"training finished but no checkpoint is in {run_dir / CHECKPOINTS}")
     latest, payload = found
-    write_json(run_dir / "train.json", {"checkpoint": latest.uri, "epochs": payload["epoch"],
+    # What is evaluated: the last epoch, or under train.early_stopping the best validation-PGD epoch
+    chosen, selection = selected_checkpoint(run_dir / CHECKPOINTS)
+    if chosen != latest:
+        print(f"[{cfg.train.method}] {selection['rule']}: epoch {selection['epoch']} "
+              f"({selection['metric']} {selection['value']:.4f}) of {payload['epoch']}", flush=True)
+    write_json(run_dir / "train.json", {"checkpoint": chosen.uri, "selection": selection,
+                                        "last_checkpoint": latest.uri, "epochs": payload["epoch"],
                                         "metrics": payload["history"], "provenance": payload["provenance"],
                                         "config": payload["config"]})
-    return TrainResult(run_dir, latest, int(payload["epoch"]), list(payload["history"]), resumed_from)
+    return TrainResult(run_dir, chosen, int(payload["epoch"]), list(payload["history"]), resumed_from)
 
 
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
@@ -359,7 +379,10 @@ def _preflight_data(cfg: ExperimentConfig) -> None:
     """Load the dataset once on the driver so a missing dataset is a clear error, not a worker crash."""
     from ..data import load_dataset
 
-    load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=1)
+    from ..config import check_budget
+
+    ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=1)
+    check_budget("train.eps", cfg.train.eps, cfg.train.norm, ds.shape)
 
 
 def _use_gpu(cfg: ExperimentConfig) -> bool:
