@@ -117,6 +117,7 @@ def evaluate(
     backend: str = "ray",
     resume_dir: Optional["Where"] = None,
     resume_identity: str = "",
+    device: Optional[Union[str, torch.device]] = None,
 ) -> Dict[str, Any]:
     """Evaluate `model` (logits from [0,1] images) on the first `n` test images.
 
@@ -135,6 +136,10 @@ def evaluate(
     sha256); a rerun after an interruption reads those chunks back and attacks only the others, with the
     same result. `result["autoattack"]["chunks"]` counts them: {"total", "resumed", "computed"}.
 
+    `norm` "Linf" budgets are in (0, 1]; "L2" budgets may exceed 1, up to the images' diameter sqrt(C*H*W).
+    `version`: AutoAttack's "standard", "plus" or "rand" (EOT); `result["autoattack_version"]` records it.
+    `device` (None: the GPU when there is one, else the CPU) is where the model, clean and PGD accuracy go.
+
     Example:
         >>> res = rayrobust.evaluate(my_model, "fashion_mnist", eps=0.1, n=500, n_autoattack=100)
         >>> res["autoattack_acc"], res["flags"]
@@ -144,12 +149,17 @@ def evaluate(
 
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is unknown; use one of {', '.join(repr(b) for b in BACKENDS)}")
-    if not 0 < eps <= 1:
-        raise ConfigError(f"eps={eps} is outside (0, 1]: budgets are in [0,1] pixel units")
+    from ..config import AUTOATTACK_VERSIONS, check_budget
+
+    check_budget("eps", eps, norm)
+    if version not in AUTOATTACK_VERSIONS:
+        raise ConfigError(f"version={version!r} is unknown; use one of: {', '.join(AUTOATTACK_VERSIONS)} "
+                          "(rand: EOT, for randomized models)")
     if not 0 <= n_autoattack <= n:
         raise ConfigError(f"n_autoattack={n_autoattack} must be between 0 and n={n}")
     x, y, ds_name = _as_tensors(dataset, n)
     _validate_inputs(x, y)
+    check_budget("eps", eps, norm, tuple(x.shape[1:]))  # an L2 budget no longer than the images' diameter
     if n_autoattack and backend == "ray":
         _require_ray()
         from ..raycluster import ensure_ray
@@ -160,7 +170,7 @@ def evaluate(
         from ..raycluster import announce_cluster_or_local
 
         announce_cluster_or_local(ray_address) if n_autoattack and backend == "ray" else announce_hardware()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
     t0 = time.perf_counter()
@@ -174,7 +184,7 @@ def evaluate(
         "clean_acc": clean_acc, "pgd_acc": pgd_acc,
         "pgd": {"attack": f"PGD-{pgd_steps} on cross-entropy, {pgd_restarts} restart(s), random start",
                 "steps": pgd_steps, "restarts": pgd_restarts, "strength": "weaker than AutoAttack"},
-        "n_autoattack": n_autoattack, "autoattack_acc": None, "autoattack": None,
+        "n_autoattack": n_autoattack, "autoattack_acc": None, "autoattack": None, "autoattack_version": version,
     }
     flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
     if n_autoattack:
@@ -207,6 +217,7 @@ def evaluate(
         target, aa, summary = min(runs, key=lambda run: run[2]["robust"])  # the lower number; ties: the outputs
         attack = attack_label(aa_version) + ("" if target == "outputs" else f" on {target}")
         result["autoattack_acc"] = summary["robust"]
+        result["autoattack_version"] = aa_version  # "rand" for a random model, whatever was requested
         result["autoattack"] = {"attack": attack, "version": aa_version, "target": target, "per_attack": summary,
                                 "seed": seed, "n": n_autoattack, "backend": backend, "num_shards": aa["num_shards"],
                                 "chunk_size": chunk_size, "seconds": sum(run[1]["seconds"] for run in runs),
@@ -265,6 +276,7 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
     # Finished attack chunks are saved beside the result as they finish: an interrupted evaluation resumes.
     resume = {"resume_dir": as_location(out_path).parent if out_path is not None else None, "resume_identity": sha}
     res = evaluate(decision, ds, eps=ec.eps, norm=ec.norm, n=ec.n_eval, n_autoattack=ec.n_autoattack,
+                   version=ec.autoattack_version,
                    pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
                    batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name,
                    ray_address=cfg.ray_address, **resume)
