@@ -56,7 +56,8 @@ def input_diameter(shape) -> float:
 def check_budget(name: str, eps: float, norm: str, shape=None) -> None:
     """A ConfigError when `eps` is not a usable `norm` budget ([0,1] pixel units) for images of `shape`:
     L-inf in (0, 1]; L2 in (0, sqrt(C*H*W)] (no L2 perturbation of a [0,1] image is longer)."""
-    _check(norm in NORMS, f"{name.rsplit('.', 1)[0]}.norm={norm!r} is unknown; use 'Linf' or 'L2'")
+    norm_key = name.rsplit(".", 1)[0] + ".norm" if "." in name else "norm"
+    _check(norm in NORMS, f"{norm_key}={norm!r} is unknown; use 'Linf' or 'L2'")
     _check_eps(name, eps, norm)
     if norm == "L2" and shape is not None:
         d = input_diameter(shape)
