@@ -137,6 +137,7 @@ class TrainConfig:
     # Early stopping (Rice et al. 2020): evaluate the epoch with the best validation PGD accuracy, not the last
     early_stopping: bool = False
     attack_steps: int = 7  # PGD steps for pgd_at / trades (step 2.5*eps/steps)
+    attack_step: Optional[float] = None  # pgd_at / trades PGD step size in [0,1] pixel units (None = 2.5*eps/attack_steps)
     trades_beta: float = 6.0  # TRADES KL weight
     num_workers: int = 1  # Ray Train workers
     use_gpu: Optional[bool] = None  # None = use GPUs when the cluster has them
@@ -170,6 +171,8 @@ class TrainConfig:
                f"train.lr_milestones={self.lr_milestones} must be increasing epochs >= 1 (e.g. [100, 150])")
         _check(0 < self.lr_decay <= 1, f"train.lr_decay={self.lr_decay} must be in (0, 1] (e.g. 0.1)")
         _check(self.attack_steps >= 1, f"train.attack_steps={self.attack_steps} must be >= 1")
+        _check(self.attack_step is None or self.attack_step > 0,
+               f"train.attack_step={self.attack_step} must be > 0, or null for 2.5*eps/attack_steps")
         _check(self.num_workers >= 1, f"train.num_workers={self.num_workers} must be >= 1")
         _check(self.cpus_per_worker >= 1, f"train.cpus_per_worker={self.cpus_per_worker} must be >= 1")
         _check(self.max_failures >= 0, f"train.max_failures={self.max_failures} must be >= 0")

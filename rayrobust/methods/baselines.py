@@ -1,6 +1,8 @@
 """Baselines every claim is measured against (docs/methods.md §0.2): standard, PGD-AT, TRADES, FGSM-RS."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -17,13 +19,18 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Adversarial(Method):
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, norm: str = "Linf", **_):
+    def __init__(self, eps: float = 0.1, steps: int = 7, norm: str = "Linf", attack_step: Optional[float] = None,
+                 **_):
         check_train_budget(eps, norm)
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
+        if attack_step is not None and not attack_step > 0:
+            raise ConfigError(f"attack_step={attack_step} must be > 0, or null for 2.5*eps/steps")
         self.eps = eps  # budget in [0,1] pixel units, in `norm`
         self.steps = steps
         self.norm = norm
+        # PGD step size: the given one, else Madry et al.'s 2.5*eps/steps (2/255 for PGD-10 at 8/255)
+        self.step = float(attack_step) if attack_step is not None else 2.5 * eps / steps
 
 
 @METHODS.register("standard")
@@ -43,14 +50,13 @@ class Standard(Method):
 
 @METHODS.register("pgd_at")
 class PGDAT(_Adversarial):
-    """Madry et al. 2018: CE on PGD-k examples, random start, step 2.5*eps/k."""
+    """Madry et al. 2018: CE on PGD-k examples, random start, step 2.5*eps/k (or train.attack_step)."""
 
     name = "pgd_at"
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
-            x_adv = train_pgd(bare, x, ce_objective(y), eps=self.eps, step=2.5 * self.eps / self.steps, steps=self.steps,
-                              norm=self.norm)
+            x_adv = train_pgd(bare, x, ce_objective(y), eps=self.eps, step=self.step, steps=self.steps, norm=self.norm)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"train_adv_acc": _accuracy(logits, y)}
@@ -62,8 +68,9 @@ class TRADES(_Adversarial):
 
     name = "trades"
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, beta: float = 6.0, norm: str = "Linf", **_):
-        super().__init__(eps=eps, steps=steps, norm=norm)
+    def __init__(self, eps: float = 0.1, steps: int = 7, beta: float = 6.0, norm: str = "Linf",
+                 attack_step: Optional[float] = None, **_):
+        super().__init__(eps=eps, steps=steps, norm=norm, attack_step=attack_step)
         if beta < 0:
             raise ConfigError(f"trades beta={beta} must be >= 0")
         self.beta = beta
@@ -72,7 +79,7 @@ class TRADES(_Adversarial):
         with attack_mode(model) as bare:
             clean_eval = bare(x).detach()
             x_adv = train_pgd(
-                bare, x, kl_objective(clean_eval), eps=self.eps, step=2.5 * self.eps / self.steps,
+                bare, x, kl_objective(clean_eval), eps=self.eps, step=self.step,
                 steps=self.steps, norm=self.norm, random_start=True,
             )
         logits = model(torch.cat([x, x_adv]))  # (2N, classes): one pass for both terms
