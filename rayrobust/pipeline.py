@@ -6,6 +6,7 @@ from typing import Any, Dict, List
 
 from .config import ExperimentConfig
 from .io import provenance, read_json, write_json
+from .labels import autoattack_label, threat_label
 from .location import Location
 
 
@@ -58,15 +59,17 @@ def same_images_pgd(res: Dict[str, Any]) -> Dict[str, Any]:
             "pgd_same_images_attack": f"PGD-{m['pgd_many_steps']} on CE, {m['pgd_many_restarts']} restarts"}
 
 
-def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_aa: int, eps: float) -> str:
+def format_table(rows: List[Dict[str, Any]], *, pgd_steps: int, n_eval: int, n_aa: int, eps: float,
+                 norm: str = "Linf", version: str = "standard") -> str:
+
     head = f"{'method':<12} {'clean':>7} {'PGD-' + str(pgd_steps):>8} {'AutoAttack':>11}  flags"
     lines = [head, "-" * len(head)]
     for r in rows:
         aa = "skipped" if r["autoattack_acc"] is None else f"{r['autoattack_acc']:.4f}"
         flags = ", ".join(r["flags"]) if r["flags"] else "-"
         lines.append(f"{r['method']:<12} {r['clean_acc']:>7.4f} {r['pgd_acc']:>8.4f} {aa:>11}  {flags}")
-    lines.append(f"L-inf eps={eps}; clean and PGD-{pgd_steps} (weaker than AutoAttack) on n={n_eval} test images; "
-                 f"AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the first n={n_aa}.")
+    lines.append(f"{threat_label(norm, eps)}; clean and PGD-{pgd_steps} (weaker than AutoAttack) on n={n_eval} test "
+                 f"images; {autoattack_label(version)} on the first n={n_aa}.")
     for r in rows:  # random models (EOT) and probability outputs (attacked on their log too)
         if r.get("autoattack_attack"):
             lines.append(f"{r['method']}: the AutoAttack column is {r['autoattack_attack']}.")
@@ -123,8 +126,9 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
     ec = cfg.eval
     summary = {
         "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval, "n_autoattack": ec.n_autoattack,
-        "attacks": {"pgd": f"PGD-{ec.pgd_steps}, {ec.pgd_restarts} restart(s) (weaker than AutoAttack)",
-                    "autoattack": "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)"},
+        "autoattack_version": ec.autoattack_version,
+        "attacks": {"pgd": f"{ec.norm} PGD-{ec.pgd_steps}, {ec.pgd_restarts} restart(s) (weaker than AutoAttack)",
+                    "autoattack": f"{autoattack_label(ec.autoattack_version)}, {ec.norm} (pyautoattack)"},
         "rows": rows,
         "provenance": provenance(config=cfg.to_dict(), seed=cfg.train.seed),
     }
@@ -136,7 +140,8 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
         summary["semantic"] = semantic
     write_json(run.summary, summary)
     if rows:
-        print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps), flush=True)
+        print(format_table(rows, pgd_steps=ec.pgd_steps, n_eval=ec.n_eval, n_aa=ec.n_autoattack, eps=ec.eps,
+                           norm=ec.norm, version=ec.autoattack_version), flush=True)
     print(f"summary: {run.summary}", flush=True)
     return summary
 

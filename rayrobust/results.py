@@ -107,9 +107,12 @@ def markdown_table(summary: Dict[str, Any]) -> str:
                  ", ".join(str(s) for s in r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{summary['dataset']}, L∞ eps={summary['eps']}; clean and PGD-{summary['pgd_steps']} on "
-                 f"n={summary['n_eval']} test images, AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square, "
-                 f"`pyautoattack`) on the first n={summary['n_autoattack']}; mean ± std over seeds "
+    from .labels import autoattack_label, threat_label
+
+    aa = autoattack_label(summary.get("autoattack_version", "standard"))
+    lines.append(f"{summary['dataset']}, {threat_label(summary.get('norm', 'Linf'), summary['eps'], unicode=True)}; "
+                 f"clean and PGD-{summary['pgd_steps']} on n={summary['n_eval']} test images, "
+                 f"{aa[:-1]}, `pyautoattack`) on the first n={summary['n_autoattack']}; mean ± std over seeds "
                  f"{', '.join(str(s) for s in summary['seeds'])}. Hardware: {summary['hardware']}. "
                  f"Command: `{summary['command']}`.")
     same = [r for r in rows if r.get("pgd_minus_autoattack_images") == "same"]
@@ -167,6 +170,7 @@ def run_results(cfg: ExperimentConfig, *, command: str = "make results", readme:
     first = next(iter(per_seed.values()))
     summary = {
         "dataset": first["dataset"], "eps": first["eps"], "norm": first["norm"], "n_eval": first["n_eval"],
+        "autoattack_version": first.get("autoattack_version", "standard"),
         "n_autoattack": first["n_autoattack"], "pgd_steps": cfg.eval.pgd_steps, "seeds": list(cfg.seeds),
         "attacks": first["attacks"], "rows": aggregate(per_seed), "hardware": _hardware(), "command": command,
         "per_seed": {str(s): (run / f"seed{s}" / "summary.json").uri for s in per_seed},
