@@ -731,10 +731,12 @@ def finish(cfg: ExperimentConfig, run: Location, grid, study_store: Optional[Stu
         final.append({"trial_id": r["trial_id"], "params": r["params"], **summary_row(res),
                       "autoattack_per_attack": (res.get("autoattack") or {}).get("per_attack"),
                       "eval": (tdir / "final_eval.json").uri})
+    from ..labels import autoattack_label
+
     ec = cfg.eval
     attacks = {"grading": GRADING, "pgd_ce": f"PGD-{PGD_CE_STEPS} on cross-entropy (contrast only, never the objective)",
-               "pgd": f"PGD-{ec.pgd_steps}, {ec.pgd_restarts} restart(s) (weaker than AutoAttack)",
-               "autoattack": "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack)"}
+               "pgd": f"{ec.norm} PGD-{ec.pgd_steps}, {ec.pgd_restarts} restart(s) (weaker than AutoAttack)",
+               "autoattack": f"{autoattack_label(ec.autoattack_version)}, {ec.norm} (pyautoattack)"}
     summary = {
         "kind": "tune", "dataset": cfg.data.name, "eps": ec.eps, "norm": ec.norm, "n_eval": ec.n_eval,
         "n_autoattack": ec.n_autoattack, "pgd_steps": ec.pgd_steps, "val_n": cfg.tune.val_n, "num_samples": cfg.tune.num_samples,
