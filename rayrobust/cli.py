@@ -150,7 +150,8 @@ def cmd_evaluate(args) -> int:
     out = Location(args.out) if args.out else cfg.layout().eval_file(cfg.train.method)
     check_writable(out.parent)
     res = evaluate_checkpoint(cfg, ckpt, out)
-    keys = ("method", "eps", "n_eval", "clean_acc", "pgd_acc", "n_autoattack", "autoattack_acc", "flags")
+    keys = ("method", "norm", "eps", "n_eval", "clean_acc", "pgd_acc", "n_autoattack", "autoattack_version",
+            "autoattack_acc", "flags")
     print(json.dumps({k: res[k] for k in keys}, indent=2))
     print(f"wrote {out}")
     return 0
