@@ -183,6 +183,10 @@ def run_results(cfg: ExperimentConfig, *, command: str = "make results", readme:
     if readme is not None:
         print(f"README table {'updated' if update_readme(readme, table) else 'not updated (no results markers)'}: "
               f"{readme}", flush=True)
+    from .tune.report import write_report
+
+    summary["report"] = write_report(run).uri  # mean ± std bars, then the first seed in detail
+    print(f"report: {summary['report']}", flush=True)
     return summary
 
 

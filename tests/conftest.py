@@ -191,7 +191,9 @@ def tiny_config(tmp_path, **sections):
         "model": {"name": "small_cnn"},
         "train": {"method": "standard", "epochs": 2, "batch_size": 64, "lr": 0.05, "eps": 0.1,
                   "attack_steps": 2, "num_workers": 1, "cpus_per_worker": 1, "val_pgd_steps": 2},
-        "eval": {"eps": 0.1, "n_eval": 100, "n_autoattack": 20, "pgd_steps": 5, "num_shards": 2, "batch_size": 100},
+        # the report's robust-vs-eps curve and gallery off: tests that check them turn them on
+        "eval": {"eps": 0.1, "n_eval": 100, "n_autoattack": 20, "pgd_steps": 5, "num_shards": 2, "batch_size": 100,
+                 "eps_curve": False, "gallery": 0},
     }
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -219,7 +221,7 @@ SRD_PIPELINE = {
     # AutoAttack through the purifier is query-bound (Square's 5000 queries per chunk with a robust point):
     # 10 images in 2 chunks of 5, one per AutoAttack actor.
     "eval": {"eps": 0.1, "n_eval": 60, "n_autoattack": 10, "pgd_steps": 5, "batch_size": 60, "num_shards": 2,
-             "chunk_size": 5, "checks": True},
+             "chunk_size": 5, "checks": True, "eps_curve": False, "gallery": 2},
 }
 
 

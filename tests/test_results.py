@@ -136,7 +136,8 @@ def test_results_configs_cover_every_defense(path, min_aa, gpu_sized):
 @pytest.mark.extended
 def test_two_seed_run_writes_summary_and_readme(tmp_path, ray_cluster, one_thread):
     cfg = tiny_config(tmp_path, train={"epochs": 1, "method": "standard"}, eval={"n_eval": 60, "n_autoattack": 10,
-                                                                                 "num_shards": 1, "checks": False})
+                                                                                 "num_shards": 1, "checks": False,
+                                                                                 "eps_curve": True, "gallery": 3})
     raw = cfg.to_dict()
     raw["seeds"] = [0, 1]
     raw["methods"] = ["standard"]
@@ -162,3 +163,11 @@ def test_two_seed_run_writes_summary_and_readme(tmp_path, ray_cluster, one_threa
     assert len(shas) == 2  # two seeds are two different models
     assert "| `standard` |" in readme.read_text() and "rayrobust results --config tiny.yaml" in readme.read_text()
     assert summary["rows"] == on_disk["rows"]
+    # `results` writes the report: mean ± std across the seeds, then seed 0's evaluation in detail
+    assert summary["report"] == str(tmp_path / "run" / "report.html") == on_disk["report"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    for section in ('id="plot-seeds"', 'id="seeds-table"', 'id="gap-table"', 'id="checks"', 'id="gallery"'):
+        assert section in page, section
+    ev = json.loads((tmp_path / "run" / "seed0" / "standard" / "eval.json").read_text())
+    assert [p["eps"] for p in ev["eps_curve"]["points"]] == [0.05, 0.1, 0.15, 0.2]
+    assert '<figure id="plot-eps">' in page and len(ev["gallery"]["examples"]) == page.count('<div class="ex">')

@@ -174,6 +174,13 @@ def test_pipeline_trains_srd_after_the_semantic_stages_and_evaluates_adaptively(
     assert ("adaptive_gap" in res["flags"]) == (not gap["passed"])
     for name in ("zero_gradients", "nondeterministic"):  # the purified decision function passes them
         assert next(c for c in res["checks"] if c["name"] == name)["passed"]
+    # the report shows the adaptive / BPDA / non-adaptive numbers and AutoAttack's examples through the purifier
+    from rayrobust.tune.report import write_report
+
+    page = write_report(run).read_text()
+    assert 'id="purifier-table"' in page and f"<b>{res['adaptive_acc']:.4f}</b>" in page
+    assert f"{transfer:.4f}" in page and f"{bpda:.4f}" in page
+    assert res["gallery"]["examples"] and page.count('<div class="ex">') == len(res["gallery"]["examples"]) <= 2
 
 
 @pytest.mark.ray

@@ -239,7 +239,7 @@ def _cuda_devices(device: torch.device) -> list:
 def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                      norm: str = "Linf", version: str = "standard",
                      attacks: Optional[Sequence[str]] = None, seed: int = 0,
-                     device=None, on_stage: Optional[StageCallback] = None) -> List[Optional[str]]:
+                     device=None, on_stage: Optional[StageCallback] = None, return_adv: bool = False):
     """Attack one chunk as one batch. Per example: "clean" (misclassified without attack), the name
     of the first attack that fooled it, or None (robust). eps in [0,1] pixel units; `seed` is set
     on every attack object before it runs (pass `chunk_seed(run_seed, chunk_index)`).
@@ -250,10 +250,12 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     RNG seeded with `seed` first (so the model's own randomness is reproducible), and every decision a
     majority over RAND_VOTES forward passes, which verifies each returned example (see `_verify`).
     `on_stage(stage, robust_left, n)` reports each stage as it finishes (progress bars).
+    `return_adv`: return (broken_by, x_adv on the CPU), x_adv holding each broken example's adversarial
+    image (verified) and the clean image elsewhere.
     """
     device = torch.device(device) if device is not None else model_device(model, x.device)
     if len(x) == 0:
-        return []
+        return ([], x.detach().cpu()) if return_adv else []
     if x.min() < 0 or x.max() > 1:
         raise DataError(f"autoattack inputs must be in [0,1] (got [{x.min().item():.3g}, "
                         f"{x.max().item():.3g}]); normalise inside the model, not the data")
@@ -266,7 +268,7 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
             _seed_global_rng(seed, device)
         broken_by, x_adv = _orchestrate(aa, x, y, seed, votes, on_stage)
         _verify(model, x, x_adv, y, broken_by, eps, norm, votes)
-    return broken_by
+    return (broken_by, x_adv.cpu()) if return_adv else broken_by
 
 
 def _seed_global_rng(seed: int, device: torch.device) -> None:

@@ -118,6 +118,9 @@ def evaluate(
     resume_dir: Optional["Where"] = None,
     resume_identity: str = "",
     device: Optional[Union[str, torch.device]] = None,
+    eps_curve: bool = False,
+    gallery: int = 0,
+    class_names: Tuple[str, ...] = (),
 ) -> Dict[str, Any]:
     """Evaluate `model` (logits from [0,1] images) on the first `n` test images.
 
@@ -139,6 +142,10 @@ def evaluate(
     `norm` "Linf" budgets are in (0, 1]; "L2" budgets may exceed 1, up to the images' diameter sqrt(C*H*W).
     `version`: AutoAttack's "standard", "plus" or "rand" (EOT); `result["autoattack_version"]` records it.
     `device` (None: the GPU when there is one, else the CPU) is where the model, clean and PGD accuracy go.
+
+    `eps_curve`: add result["eps_curve"], APGD-CE + APGD-T at eps/2, eps, 3eps/2, 2eps on AutoAttack's images;
+    `gallery` > 0: add result["gallery"], that many of AutoAttack's adversarial examples with their predictions
+    (`class_names` names the labels). Both are what `rayrobust report` draws (see rayrobust.evaluation.figures).
 
     Example:
         >>> res = rayrobust.evaluate(my_model, "fashion_mnist", eps=0.1, n=500, n_autoattack=100)
@@ -215,6 +222,7 @@ def evaluate(
             model.to(device)
             runs.append((target, aa, summarize_autoattack(aa["broken_by"], attacks_for(aa_version))))
         target, aa, summary = min(runs, key=lambda run: run[2]["robust"])  # the lower number; ties: the outputs
+        attacked = dict(targets)[target]
         attack = attack_label(aa_version) + ("" if target == "outputs" else f" on {target}")
         result["autoattack_acc"] = summary["robust"]
         result["autoattack_version"] = aa_version  # "rand" for a random model, whatever was requested
@@ -235,6 +243,10 @@ def evaluate(
         if verbose:
             print(f"  [{label}] {attack} {summary['robust']:.4f} on n={n_autoattack} "
                   f"({result['autoattack']['seconds']:.1f}s)", file=sys.stderr, flush=True)
+        _add_figures(result, attacked, xa, ya, aa["broken_by"], summary, eps=eps, norm=norm, version=aa_version,
+                     seed=seed, chunk_size=chunk_size, eps_curve=eps_curve, gallery=gallery, class_names=class_names,
+                     backend=backend, label=label, verbose=verbose)
+        model.to(device)
     if checks:
         n_checks = min(len(x), max(n_autoattack, 200))
         t_checks = time.perf_counter()
@@ -248,6 +260,25 @@ def evaluate(
     result["flags"] = list(dict.fromkeys(failed(flags))) + ([] if n_autoattack else ["autoattack_skipped"])
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _add_figures(result, attacked, xa, ya, broken_by, summary, *, eps, norm, version, seed, chunk_size, eps_curve,
+                 gallery, class_names, backend, label, verbose) -> None:
+    """result["eps_curve"] and result["gallery"] (the report's robust-vs-eps curve and adversarial examples)."""
+    from . import figures
+
+    if eps_curve:
+        at_eps = summary.get("apgd-t") if version == "standard" else (summary["robust"] if version == "rand" else None)
+        result["eps_curve"] = _on_accelerator(figures.eps_curve, attacked, xa, ya, eps=eps, norm=norm, version=version,
+                                              seed=seed, chunk_size=chunk_size, at_eps=at_eps, backend=backend)
+        if verbose:
+            pts = ", ".join(f"{p['eps']:g}: {p['robust']:.3f}" for p in result["eps_curve"]["points"])
+            print(f"  [{label}] robust vs eps ({result['eps_curve']['attack'].split(' (')[0]}): {pts} "
+                  f"({result['eps_curve']['seconds']:.1f}s)", file=sys.stderr, flush=True)
+    if gallery:
+        result["gallery"] = _on_accelerator(figures.gallery, attacked, xa, ya, broken_by, eps=eps, norm=norm,
+                                            version=version, seed=seed, k=gallery, class_names=tuple(class_names),
+                                            backend=backend)
 
 
 def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = None,
@@ -279,7 +310,8 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
                    version=ec.autoattack_version,
                    pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
                    batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name,
-                   ray_address=cfg.ray_address, **resume)
+                   ray_address=cfg.ray_address, eps_curve=ec.eps_curve, gallery=ec.gallery,
+                   class_names=tuple(getattr(ds, "classes", ()) or ()), **resume)
     if getattr(method, "purifies", False):  # purify -> classify (srd): add BPDA + EOT and the non-adaptive number
         from .adaptive import evaluate_purified
 

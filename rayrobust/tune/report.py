@@ -1,12 +1,17 @@
 """`rayrobust report <run_dir>`: one self-contained `report.html` (inline SVG, no scripts, fonts or
-network) and `summary.json` for a search run (`rayrobust tune`) or a plain `rayrobust pipeline` run.
-The run directory may be a local path or a storage URI (s3://, gs://, file://): everything is read
-and written through `rayrobust.location`, the Optuna study from the run's journal or database.
+network) and `summary.json` for a search run (`rayrobust tune`), a `rayrobust pipeline` run or a
+`rayrobust results` run over several seeds. The run directory may be a local path or a storage URI
+(s3://, gs://, file://): everything is read and written through `rayrobust.location`, the Optuna study
+from the run's journal or database.
 
-Sections: the final AutoAttack table, the clean-vs-robust Pareto front of the trials, robust
-accuracy against eps for the selected models, per-trial (or per-method) learning curves, Optuna
-parameter importances, and every trial with its flags. Raised flags are shown in red. Sections that
-need a search say "no search in this run" for a pipeline run. Every accuracy names its attack.
+Sections: mean ± std across seeds (results runs), the final AutoAttack table, the same-image PGD −
+AutoAttack gap with a purifier's adaptive / BPDA / non-adaptive accuracies and a certificate's certified
+accuracy at its radii, every sanity check with what it measured and what a flag means, the
+clean-vs-robust Pareto front of the trials, robust accuracy against eps (APGD-CE + APGD-T at eps/2 ..
+2eps), a gallery of AutoAttack's adversarial examples, per-trial (or per-method) learning curves,
+Optuna parameter importances, and every trial with its flags (rayrobust.tune.report_eval draws the
+per-model sections). Raised flags are shown in red. Sections that need a search say "no search in this
+run" for a pipeline run. Every accuracy names its attack.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 td.l,th.l{text-align:left}.flag{color:#b00020;font-weight:bold}.ok{color:#2e7d32}
 .note{color:#555;font-size:.9em}figure{margin:.5em 0}figure svg{max-width:100%;height:auto}
 .grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{width:340px}
+.gallery{display:flex;flex-wrap:wrap;gap:.8em}.ex{border:1px solid #ddd;padding:.3em;width:270px}
+.ex img{width:84px;height:84px;image-rendering:pixelated;margin-right:3px;border:1px solid #eee}h3{font-size:1em}
 """
 
 
@@ -274,14 +281,16 @@ def _tune_sections(run_dir: Location, ts: Dict[str, Any]) -> Dict[str, str]:
                              f"{len(done)} trials; robust = APGD-CE + APGD-T on {ts.get('val_n')} validation images at eps "
                              f"{ts.get('eps')}; flagged trials in red")
                      if done else '<p id="plot-pareto" class="note">no trial reported a result.</p>')
-    curves = {}
+    curves, evals = {}, {}
     for f in final:
         ev = _read_json(run_dir / "trials" / f["trial_id"] / "final_eval.json") or (
             _read_json(f["eval"]) if f.get("eval") else None)
         if ev:
             curves[f["trial_id"]] = _eps_curve(ev)
+            evals[f"{f['trial_id']} {f.get('method') or ''}".strip()] = ev
     out["eps"] = (_figure("plot-eps", eps_plot(curves), "selected configurations on the test set")
                   if curves else '<p id="plot-eps" class="note">no selected configuration was evaluated.</p>')
+    out.update(_eval_sections(evals, out["eps"]))
     figs = []
     for t in trials:
         tdir = run_dir / "trials" / t["trial_id"]
@@ -305,7 +314,7 @@ def _tune_sections(run_dir: Location, ts: Dict[str, Any]) -> Dict[str, str]:
 
 
 def _pipeline_sections(run_dir: Location, summary: Dict[str, Any]) -> Dict[str, str]:
-    rows, curves, figs = [], {}, []
+    rows, curves, figs, evals = [], {}, [], {}
     methods = [r["method"] for r in summary.get("rows", [])] or [
         p.name for p in run_dir.iterdir() if p.is_dir() and (p / "eval.json").is_file()]
     pgd_label = "PGD"
@@ -313,6 +322,7 @@ def _pipeline_sections(run_dir: Location, summary: Dict[str, Any]) -> Dict[str, 
         ev = _read_json(run_dir / method / "eval.json")
         row = next((dict(r) for r in summary.get("rows", []) if r["method"] == method), {"method": method})
         if ev:
+            evals[method] = ev
             row.update({"clean_acc": ev.get("clean_acc"), "pgd_acc": ev.get("pgd_acc"),
                         "autoattack_acc": ev.get("autoattack_acc"), "flags": ev.get("flags", row.get("flags", [])),
                         "autoattack_per_attack": (ev.get("autoattack") or {}).get("per_attack")})
@@ -336,6 +346,33 @@ def _pipeline_sections(run_dir: Location, summary: Dict[str, Any]) -> Dict[str, 
            "curves": f'<div id="curves" class="grid">{"".join(figs)}</div>' if figs else '<p id="curves" class="note">no learning curves recorded.</p>',
            "importance": _no_search("plot-importance"),
            "trials": _no_search("trials-table")}
+    out.update(_eval_sections(evals, out["eps"]))
+    return out
+
+
+def _eval_sections(evals: Dict[str, Dict[str, Any]], eps_fallback: str) -> Dict[str, str]:
+    """The per-model sections (numbers, checks, robust-vs-eps, gallery) from each model's eval.json."""
+    from .report_eval import checks_section, eps_section, gallery_section, numbers_section
+
+    with_curve = any((ev.get("eps_curve") or {}).get("points") for ev in evals.values())
+    empty = '<p id="{}" class="note">no evaluation in this run.</p>'
+    return {"numbers": numbers_section(evals) if evals else empty.format("gap-table"),
+            "checks": checks_section(evals),
+            "eps": eps_section(evals) if with_curve else eps_fallback,
+            "gallery": gallery_section(evals)}
+
+
+def _results_sections(run_dir: Location, summary: Dict[str, Any]) -> Dict[str, str]:
+    """A `rayrobust results` run: mean ± std across seeds, then the first seed's run in detail."""
+    from .report_eval import seeds_section
+
+    seed = (summary.get("seeds") or [None])[0]
+    seed_dir = run_dir / f"seed{seed}"
+    seed_summary = _read_json(seed_dir / "summary.json") or {"rows": []}
+    out = _pipeline_sections(seed_dir, seed_summary)
+    out["seeds"] = seeds_section(summary)
+    out["detail_note"] = (f'<p class="note">The sections below show seed {seed} ({html.escape(seed_dir.uri)}); every '
+                          "seed's run has its own report data under its seed directory.</p>")
     return out
 
 
@@ -351,9 +388,15 @@ def write_report(run_dir: Where) -> Location:
     if ts is None and summary is None:
         raise ConfigError(f"{run_dir.uri} holds neither tune_summary.json nor summary.json: run `rayrobust tune` or "
                           "`rayrobust pipeline` there first (or finish an interrupted search with --resume)")
-    kind = "search (rayrobust tune)" if ts else "pipeline (rayrobust pipeline)"
     meta = ts or summary
-    sections = _tune_sections(run_dir, ts) if ts else _pipeline_sections(run_dir, summary)
+    if ts:
+        kind, sections = "search (rayrobust tune)", _tune_sections(run_dir, ts)
+    elif summary.get("per_seed"):
+        kind, sections = (f"results over seeds {', '.join(str(s) for s in summary.get('seeds', []))} (rayrobust results)",
+                          _results_sections(run_dir, summary))
+    else:
+        kind, sections = "pipeline (rayrobust pipeline)", _pipeline_sections(run_dir, summary)
+    seeds_html = (f"<h2>Across seeds</h2>{sections['seeds']}{sections['detail_note']}" if "seeds" in sections else "")
     attacks = meta.get("attacks") or {}
     legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in attacks.items())
     flagged_note = ('<p class="note">Flags (in <span class="flag">red</span>) are failed sanity checks '
@@ -364,10 +407,13 @@ def write_report(run_dir: Where) -> Location:
 <h1>rayrobust report: {html.escape(run_dir.name)}</h1>
 <p>Run kind: {kind}. Dataset {_fmt(meta.get('dataset'))}, {_fmt(meta.get('norm'))} eps={_fmt(meta.get('eps'))};
 test images: n={_fmt(meta.get('n_eval'))} (clean, PGD), AutoAttack on n={_fmt(meta.get('n_autoattack'))}.</p>
-<ul>{legend}</ul>{flagged_note}
+<ul>{legend}</ul>{flagged_note}{seeds_html}
 <h2>Final AutoAttack (test set)</h2>{sections['final']}
+<h2>PGD − AutoAttack, adaptive attacks, certificates</h2>{sections['numbers']}
+<h2>Sanity checks</h2>{sections['checks']}
 <h2>Clean vs robust: Pareto front of the search</h2>{sections['pareto']}
 <h2>Robust accuracy against eps</h2>{sections['eps']}
+<h2>Adversarial examples</h2>{sections['gallery']}
 <h2>Learning curves</h2>{sections['curves']}
 <h2>Parameter importances</h2>{sections['importance']}
 <h2>Trials</h2>{sections['trials']}
