@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo results results-cpu test test-extended test-all test-fast bench clean
+.PHONY: setup data browser demo screenshot results results-cpu test test-extended test-all test-fast bench clean
 
 setup: $(VENV)/.installed data
 
@@ -30,6 +30,12 @@ data:
 demo: setup
 	$(VENV)/bin/rayrobust pipeline --config configs/demo.yaml
 	$(VENV)/bin/rayrobust report runs/demo
+
+# The README's picture of the demo's report (headless Chromium, as in the browser test): run `make demo` first.
+screenshot: browser
+	@test -f runs/demo/report.html || { echo "runs/demo/report.html not found: run make demo first"; exit 1; }
+	/usr/bin/chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1100,2200 \
+		--screenshot=docs/report.png file://$(CURDIR)/runs/demo/report.html
 
 # The full comparison (all methods, 2 seeds, AutoAttack on 1000 images): sized for GPUs, see README.
 results: setup
