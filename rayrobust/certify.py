@@ -377,7 +377,7 @@ def certify_checkpoint(checkpoint: Union[str, Path, "Location"], *, radii: Seque
     if payload.get("model_meta", {}).get("num_labels"):
         kwargs["num_classes"] = payload["model_meta"]["num_labels"]
     method = create_method(name, **kwargs)
-    if not getattr(method, "certifiable", False):
+    if not method.certifiable:
         raise CertificateError(f"checkpoint {str(checkpoint)!r} was trained with method {name!r}; the certificate "
                                "applies to ClusTR checkpoints only (train.method=clustr or clustr_qtrades)")
     if not payload.get("method_state"):

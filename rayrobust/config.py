@@ -10,7 +10,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
@@ -429,7 +428,3 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         _set_dotted(raw, key, value)
     return config_from_dict(raw)
 
-
-def replace(cfg, **changes):
-    """dataclasses.replace that re-runs validation."""
-    return dataclasses.replace(cfg, **changes)

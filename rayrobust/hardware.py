@@ -68,3 +68,13 @@ def announce_hardware(resources: Optional[Dict[str, float]] = None, *, nodes: Op
     line = hardware_line(resources, nodes=nodes)
     print(line, file=file if file is not None else sys.stderr, flush=True)
     return line
+
+
+def ray_node_id() -> Optional[str]:
+    """The Ray node this process runs on, or None outside a Ray worker or driver (never imports Ray: a process
+    that runs Ray code has imported it already)."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    except Exception:  # a partly imported or shut-down Ray
+        return None

@@ -149,7 +149,7 @@ def run_pipeline(cfg: ExperimentConfig) -> Dict[str, Any]:
 def _needs_semantic(method: str) -> bool:
     from .methods import METHODS
 
-    return bool(getattr(METHODS.get(method), "needs_semantic", False))
+    return METHODS.get(method).needs_semantic
 
 
 def _training_order(cfg: ExperimentConfig) -> tuple:

@@ -312,13 +312,13 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
                    batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name,
                    ray_address=cfg.ray_address, eps_curve=ec.eps_curve, gallery=ec.gallery,
                    class_names=tuple(getattr(ds, "classes", ()) or ()), **resume)
-    if getattr(method, "purifies", False):  # purify -> classify (srd): add BPDA + EOT and the non-adaptive number
+    if method.purifies:  # purify -> classify (srd): add BPDA + EOT and the non-adaptive number
         from .adaptive import evaluate_purified
 
         evaluate_purified(decision, ds.x[:ec.n_eval], ds.y[:ec.n_eval], res, eps=ec.eps, norm=ec.norm, seed=ec.seed,
                           eot_samples=ec.eot_samples, chunk_size=ec.chunk_size, num_shards=ec.num_shards,
                           label=label or method_name, **resume)
-    if getattr(method, "certifiable", False):  # ClusTR: its l2 certificate (reconstructed), checked by an attack
+    if method.certifiable:  # ClusTR: its l2 certificate (reconstructed), checked by an attack
         from ..certify import certify
 
         # its attack check on as many certified examples as AutoAttack gets (100 when AutoAttack is skipped)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..attacks.autoattack import StageCallback, autoattack_chunk, chunk_plan, chunk_seed
+from ..hardware import ray_node_id
 
 ChunkCallback = Callable[[List[Optional[str]]], None]  # a finished chunk's per-example outcome
 
@@ -38,7 +39,7 @@ class AutoAttackWorker:
     def attack(self, chunk_index: int, start: int, stop: int, seed: int) -> tuple:
         import os
 
-        return chunk_index, self.attack_chunk(chunk_index, start, stop, seed), os.getpid(), _node_id()
+        return chunk_index, self.attack_chunk(chunk_index, start, stop, seed), os.getpid(), ray_node_id()
 
     def attack_chunk(self, chunk_index: int, start: int, stop: int, seed: int,
                      on_stage: Optional[StageCallback] = None) -> List[Optional[str]]:
@@ -51,15 +52,6 @@ class AutoAttackWorker:
         import os
 
         return os.getpid()
-
-
-def _node_id() -> Optional[str]:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return None
 
 
 def sharded_autoattack(

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,10 +26,18 @@ class Method:
     - `state_dict()` / `load_state_dict(state)`: what the method learned or generated outside the
       model (prototypes, weight maps), plain tensors only; saved in every checkpoint under
       `method_state` and restored before evaluation.
+    - `prepare_run(cfg)` (class method): driver-side preparation before Ray Train starts (SRD: its purifier
+      state and initial weights from the run's semantic stages).
+
+    Capabilities (class attributes, read by the pipeline, the evaluation and the Ray Train driver) are
+    declared below with their defaults.
     """
 
     name = "method"
-    adversarial = False  # True when training generates adversarial examples
+    adversarial = False  # training generates adversarial examples (train.eps / train.norm apply)
+    purifies = False  # the decision function purifies its input: evaluated adaptively (BPDA + non-adaptive too)
+    certifiable = False  # `rayrobust.certify` applies: the evaluation adds the certificate and its attack check
+    needs_semantic = False  # trained after a pipeline's semantic stages (extract, cluster, dictionaries)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """(scalar loss with gradient, metrics): metric values are detached 0-d tensors on the batch's device
@@ -53,6 +61,12 @@ class Method:
         return {}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+    @classmethod
+    def prepare_run(cls, cfg: Any) -> Optional[Dict[str, Any]]:
+        """What the Ray Train driver hands every worker before training ({"method_state", "model", ...}); None
+        (the default) when the method starts from scratch."""
         return None
 
 

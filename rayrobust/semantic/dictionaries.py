@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..hardware import ray_node_id
 from .artifacts import read_manifest
 from .patches import patches, split_frequencies
 from .sparse import fista, learn_dictionary, relative_error
@@ -129,17 +130,8 @@ class DictionaryWorker:
     def learn(self, cluster: int, images: torch.Tensor, params: DictionaryParams) -> Tuple[int, np.ndarray, Dict]:
         t0 = time.perf_counter()
         D, info = learn_cluster_dictionary(images, params, cluster, self.device)
-        info.update(node=_node_id(), pid=os.getpid(), wall_seconds=round(time.perf_counter() - t0, 3))
+        info.update(node=ray_node_id(), pid=os.getpid(), wall_seconds=round(time.perf_counter() - t0, 3))
         return cluster, D, info
-
-
-def _node_id() -> Optional[str]:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------

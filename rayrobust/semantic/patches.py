@@ -68,9 +68,3 @@ def fold(patch_rows: torch.Tensor, shape: Tuple[int, int, int], p: int, stride: 
     cover = F.fold(ones, size, kernel_size=p, stride=stride)  # (1, C, H', W') patches per pixel
     return (total / cover)[..., :h, :w]
 
-
-def num_patches(shape: Tuple[int, int, int], p: int, stride: int) -> int:
-    _, h, w = shape
-    nh = (h + _pad_amount(h, p, stride) - p) // stride + 1
-    nw = (w + _pad_amount(w, p, stride) - p) // stride + 1
-    return nh * nw

@@ -371,8 +371,7 @@ def _method_init(cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
     """The method class's `prepare_run(cfg)` result ({"method_state", "model"}) when it has one, else None."""
     from ..methods import METHODS
 
-    prepare = getattr(METHODS.get(cfg.train.method), "prepare_run", None)
-    return prepare(cfg) if prepare is not None else None
+    return METHODS.get(cfg.train.method).prepare_run(cfg)
 
 
 def _preflight_data(cfg: ExperimentConfig) -> None:
