@@ -12,7 +12,7 @@ setup: $(VENV)/.installed data
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q -e ".[dev,dashboard]"
 	touch $@
 
 # Fashion-MNIST without internet: the Debian/Ubuntu package. Skipped when RAYROBUST_DATA is set.

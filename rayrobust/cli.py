@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "curves, parameter importances, flags.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `rayrobust tune` or `rayrobust pipeline`")
 
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard over a search's Optuna study; print TensorBoard's command",
+                       description="Serve optuna-dashboard over the Optuna study of the search in RUN_DIR (a local path, "
+                                   "served live, or an s3://, gs:// URI, whose journal is downloaded first: a snapshot; a "
+                                   "tune.optuna_storage database is served directly) and print the `tensorboard --logdir` "
+                                   "command for its Ray Tune logs. Listens on 127.0.0.1: from another machine, tunnel with "
+                                   "`ssh -N -L 8080:127.0.0.1:8080 user@host`. Needs pip install 'rayrobust[dashboard]'.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of `rayrobust tune`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+
     p = sub.add_parser("export-data", help="write a dataset as Parquet image files (local path or s3://, gs:// URI) for streaming",
                        description="Write data.name's train and test splits (train limited to data.train_limit) to OUT as "
                                    "OUT/meta.json + OUT/<split>/*.parquet, streamed chunk by chunk by Ray workers "
@@ -263,6 +273,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from .dashboard import serve
+
+    serve(args.run_dir, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_list(args) -> int:
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -276,7 +293,7 @@ def cmd_list(args) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "certify": cmd_certify, "pipeline": cmd_pipeline, "results": cmd_results, "extract": cmd_extract,
             "cluster": cmd_cluster, "dictionaries": cmd_dictionaries, "config": cmd_config, "list": cmd_list, "export-data": cmd_export_data,
-            "tune": cmd_tune, "report": cmd_report}
+            "tune": cmd_tune, "report": cmd_report, "dashboard": cmd_dashboard}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
