@@ -362,29 +362,23 @@ def certify_checkpoint(checkpoint: Union[str, Path, "Location"], *, radii: Seque
                        n: int = 1000, out_path: Optional[Union[str, Path, "Location"]] = None, data_root: Optional[str] = None,
                        download: bool = False, seed: int = 0, check: bool = True) -> Dict[str, Any]:
     """Certify a ClusTR checkpoint on the first `n` test images of its dataset; write JSON atomically."""
-    from .checkpoint import checkpoint_sha256, load_checkpoint, model_from_payload
+    from .checkpoint import checkpoint_sha256, load_trained
     from .data import load_dataset
     from .io import provenance, write_json
     from .location import as_location
-    from .methods import create_method, method_kwargs
 
     checkpoint = as_location(checkpoint)
     if n < 1:
         raise ConfigError(f"--n {n} must be >= 1 (test images to certify)")
-    payload = load_checkpoint(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_trained(checkpoint, device=device)
+    model, method, payload = trained.model, trained.method, trained.payload
     name = payload["config"]["train"]["method"]
-    kwargs = method_kwargs(payload["config"]["train"])
-    if payload.get("model_meta", {}).get("num_labels"):
-        kwargs["num_classes"] = payload["model_meta"]["num_labels"]
-    method = create_method(name, **kwargs)
     if not method.certifiable:
         raise CertificateError(f"checkpoint {str(checkpoint)!r} was trained with method {name!r}; the certificate "
                                "applies to ClusTR checkpoints only (train.method=clustr or clustr_qtrades)")
     if not payload.get("method_state"):
         raise CertificateError(f"checkpoint {str(checkpoint)!r} holds no ClusTR clusters (empty method_state); retrain it")
-    method.load_state_dict(payload["method_state"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_from_payload(payload, checkpoint, device=device)
     ds = load_dataset(payload["config"]["data"]["name"], "test", root=data_root, download=download, limit=n)
     res = certify(model, method, ds.x, ds.y, radii, check=check, seed=seed)
     res["method"] = name

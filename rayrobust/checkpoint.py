@@ -182,6 +182,44 @@ def selected_checkpoint(directory: Where) -> Optional[Tuple[Location, Dict[str, 
     return chosen, {"rule": f"early stopping: best {key}", "epoch": epoch, "metric": key, "value": value}
 
 
+class Trained:
+    """A checkpoint rebuilt: the model (eval mode), its method with the state saved beside the weights, the
+    decision function an attack must target (built on first use: a method without its state has none), and the
+    raw payload (config, metadata). Unpacks as (model, method, decision, payload)."""
+
+    def __init__(self, model: nn.Module, method: Any, payload: Dict[str, Any]):
+        self.model, self.method, self.payload = model, method, payload
+        self._decision: Optional[nn.Module] = None
+
+    @property
+    def decision(self) -> nn.Module:
+        if self._decision is None:
+            self._decision = self.method.decision(self.model).eval()
+        return self._decision
+
+    def __iter__(self):
+        return iter((self.model, self.method, self.decision, self.payload))
+
+
+def load_trained(path: Where, *, device: str | torch.device = "cpu") -> Trained:
+    """Rebuild (model, method, decision, payload) from a checkpoint (a local path or URI).
+
+    The method is created from the training config with the model's label count and given its saved state
+    (DRP prototypes, SPAT weight map, ClusTR clusters, SRD purifier), so `decision` is what was deployed.
+    """
+    from .methods import create_method, method_kwargs
+
+    payload = load_checkpoint(path)
+    model = model_from_payload(payload, path, device=device)
+    kwargs = method_kwargs(payload["config"]["train"])
+    if payload.get("model_meta", {}).get("num_labels"):
+        kwargs["num_classes"] = payload["model_meta"]["num_labels"]
+    method = create_method(payload["config"]["train"]["method"], **kwargs)
+    if payload.get("method_state"):  # what the method generated outside the model
+        method.load_state_dict(payload["method_state"])
+    return Trained(model, method, payload)
+
+
 def model_from_checkpoint(path: Where, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     return model_from_payload(load_checkpoint(path), path, device=device)

@@ -7,7 +7,7 @@ from torch import nn
 from rayrobust.attacks import (AA_STANDARD, ATTACKS, FGSM, PGD, accuracy, autoattack_chunk,
                                chunk_plan, chunk_seed, perturbation_norm, robust_accuracy,
                                run_autoattack, summarize_autoattack)
-from rayrobust.attacks.autoattack import _verify
+from rayrobust.attacks.autoattack import verify_examples
 from rayrobust.errors import ConfigError, DataError
 
 
@@ -214,11 +214,11 @@ def test_verify_rejects_invalid_adversarials():
     x = torch.full((2, 1, 2, 2), 0.5)
     y = model(x).argmax(1)
     with torch.no_grad():
-        _verify(model, x, x.clone(), y, [None, None], 0.1, "Linf")  # nothing claimed: fine
+        verify_examples(model, x, x.clone(), y, [None, None], 0.1, "Linf")  # nothing claimed: fine
         with pytest.raises(RuntimeError, match="eps ball"):
-            _verify(model, x, x + 0.2, y, [None, None], 0.1, "Linf")
+            verify_examples(model, x, x + 0.2, y, [None, None], 0.1, "Linf")
         with pytest.raises(RuntimeError, match="correctly classified"):
-            _verify(model, x, x.clone(), y, ["apgd-ce", None], 0.1, "Linf")
+            verify_examples(model, x, x.clone(), y, ["apgd-ce", None], 0.1, "Linf")
 
 
 def test_summarize_and_plan_numbers():

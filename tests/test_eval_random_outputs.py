@@ -14,7 +14,7 @@ from torch import nn
 
 import rayrobust
 from rayrobust.attacks import PGD
-from rayrobust.attacks.autoattack import (RAND_EOT, RAND_VOTES, LogOutputs, _verify, attack_label,
+from rayrobust.attacks.autoattack import (RAND_EOT, RAND_VOTES, LogOutputs, verify_examples, attack_label,
                                           autoattack_chunk, misclassified, summarize_autoattack)
 from rayrobust.attacks.checks import check_before_autoattack
 from rayrobust.pipeline import summary_row
@@ -137,11 +137,11 @@ def test_random_verification_takes_a_majority_and_does_not_raise(digits):
     noisy = GaussianInput(net, sigma=0.5)  # noisy enough that single passes disagree
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="correctly classified"):
-            _verify(net, x, x.clone(), y, ["apgd-ce"] * len(x), 0.1, "Linf")
+            verify_examples(net, x, x.clone(), y, ["apgd-ce"] * len(x), 0.1, "Linf")
         # a randomized model: the labels were decided by the majority vote the attack's examples got
-        _verify(noisy, x, x.clone(), y, ["apgd-ce"] * len(x), 0.1, "Linf", votes=RAND_VOTES)
+        verify_examples(noisy, x, x.clone(), y, ["apgd-ce"] * len(x), 0.1, "Linf", votes=RAND_VOTES)
         with pytest.raises(RuntimeError, match="eps ball"):
-            _verify(noisy, x, x + 0.2, y, [None] * len(x), 0.1, "Linf", votes=RAND_VOTES)
+            verify_examples(noisy, x, x + 0.2, y, [None] * len(x), 0.1, "Linf", votes=RAND_VOTES)
         # on a deterministic model the majority is the single pass
         assert torch.equal(misclassified(net, x, y, RAND_VOTES), misclassified(net, x, y))
 

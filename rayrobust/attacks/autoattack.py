@@ -96,7 +96,7 @@ def _resolve_attacks(version: str, attacks: Optional[Sequence[str]]) -> Optional
     return list(attacks)
 
 
-def _build(model, eps, norm, version, attacks, device, seed):
+def build_autoattack(model, eps, norm, version, attacks, device, seed):
     """A configured pyautoattack.AutoAttack (we use its attack objects, not its orchestrator)."""
     from pyautoattack import AutoAttack
 
@@ -137,7 +137,7 @@ def attack_label(version: str = "standard", attacks: Optional[Sequence[str]] = N
     return f"AutoAttack ({version})"
 
 
-def _orchestrate(aa, x, y, seed, votes: int = 1, on_stage: Optional[StageCallback] = None
+def orchestrate(aa, x, y, seed, votes: int = 1, on_stage: Optional[StageCallback] = None
                  ) -> Tuple[List[Optional[str]], torch.Tensor]:
     """Clean pass, then each attack on the still-robust points (one batch), in order. With votes > 1
     every decision (clean, fooled) is a majority over `votes` forward passes. on_stage(stage, robust left,
@@ -207,11 +207,11 @@ class LogOutputs(nn.Module):
         return torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
 
 
-def _verify(model, x, x_adv, y, broken_by, eps, norm, votes: int = 1) -> None:
+def verify_examples(model, x, x_adv, y, broken_by, eps, norm, votes: int = 1) -> None:
     """Every claimed adversarial example must be in the ball, in [0,1] and misclassified.
 
     votes > 1 (a randomized model): misclassified means misclassified by the majority over `votes`
-    forward passes, the vote `_orchestrate` took when the attack returned the example (that vote is
+    forward passes, the vote `orchestrate` took when the attack returned the example (that vote is
     its verification; a second vote would be a second sample of the same random variable, and
     requiring both would bias the count towards the model), so only the ball and the box are
     re-checked here.
@@ -232,7 +232,7 @@ def _verify(model, x, x_adv, y, broken_by, eps, norm, votes: int = 1) -> None:
                            f"vs eps {eps}")
 
 
-def _cuda_devices(device: torch.device) -> list:
+def cuda_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
@@ -248,7 +248,7 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
     the global torch RNG (which the reference attacks reseed) is restored too. version="rand" is for
     randomized models: APGD-CE and APGD-DLR with EOT (RAND_EOT gradient samples per step), the global
     RNG seeded with `seed` first (so the model's own randomness is reproducible), and every decision a
-    majority over RAND_VOTES forward passes, which verifies each returned example (see `_verify`).
+    majority over RAND_VOTES forward passes, which verifies each returned example (see `verify_examples`).
     `on_stage(stage, robust_left, n)` reports each stage as it finishes (progress bars).
     `return_adv`: return (broken_by, x_adv on the CPU), x_adv holding each broken example's adversarial
     image (verified) and the clean image elsewhere.
@@ -260,14 +260,14 @@ def autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
         raise DataError(f"autoattack inputs must be in [0,1] (got [{x.min().item():.3g}, "
                         f"{x.max().item():.3g}]); normalise inside the model, not the data")
     x, y = x.detach().to(device).float(), y.detach().to(device).long()
-    aa = _build(model, eps, norm, version, attacks, device, seed)
+    aa = build_autoattack(model, eps, norm, version, attacks, device, seed)
     votes = votes_for(version)
     with eval_mode(model), frozen_params(model), torch.no_grad(), \
-            torch.random.fork_rng(devices=_cuda_devices(device)):
+            torch.random.fork_rng(devices=cuda_devices(device)):
         if votes > 1:
             _seed_global_rng(seed, device)
-        broken_by, x_adv = _orchestrate(aa, x, y, seed, votes, on_stage)
-        _verify(model, x, x_adv, y, broken_by, eps, norm, votes)
+        broken_by, x_adv = orchestrate(aa, x, y, seed, votes, on_stage)
+        verify_examples(model, x, x_adv, y, broken_by, eps, norm, votes)
     return (broken_by, x_adv.cpu()) if return_adv else broken_by
 
 

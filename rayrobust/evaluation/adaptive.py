@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..attacks.autoattack import (_build, _cuda_devices, _orchestrate, _verify, chunk_plan, chunk_seed,
+from ..attacks.autoattack import (build_autoattack, cuda_devices, orchestrate, verify_examples, chunk_plan, chunk_seed,
                                   summarize_autoattack)
 from ..attacks.pgd import eval_mode, frozen_params, model_device
 from ..errors import ConfigError
@@ -82,15 +82,15 @@ def apgd_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     if len(x) == 0:
         return [], x
     with eval_mode(model), frozen_params(model), torch.no_grad(), \
-            torch.random.fork_rng(devices=_cuda_devices(device)):
-        aa = _build(model, eps, norm, "custom", list(attacks), device, seed)
+            torch.random.fork_rng(devices=cuda_devices(device)):
+        aa = build_autoattack(model, eps, norm, "custom", list(attacks), device, seed)
         num_classes = model(x[:1]).shape[1]
         aa.apgd.n_restarts = 1
         aa.apgd_targeted.n_restarts = 1
         aa.apgd_targeted.n_target_classes = min(9, num_classes - 1)
         aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = int(eot_samples)
-        broken_by, x_adv = _orchestrate(aa, x, y, seed)
-        _verify(model, x, x_adv, y, broken_by, eps, norm)
+        broken_by, x_adv = orchestrate(aa, x, y, seed)
+        verify_examples(model, x, x_adv, y, broken_by, eps, norm)
     return broken_by, x_adv
 
 

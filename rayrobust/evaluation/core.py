@@ -285,21 +285,12 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
                         *, label: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate a rayrobust checkpoint (a local path or URI) with `cfg.eval` through its method's decision
     function; write the result to `out_path` (a local path or URI) when given."""
-    from ..checkpoint import checkpoint_sha256, load_checkpoint, model_from_payload
+    from ..checkpoint import checkpoint_sha256, load_trained
     from ..data import load_dataset
-    from ..methods import create_method, method_kwargs
 
     checkpoint = as_location(checkpoint)
-    payload = load_checkpoint(checkpoint)
+    model, method, decision, payload = load_trained(checkpoint)
     method_name = payload["config"]["train"]["method"]
-    model = model_from_payload(payload, checkpoint)
-    kwargs = method_kwargs(payload["config"]["train"])
-    if payload.get("model_meta", {}).get("num_labels"):
-        kwargs["num_classes"] = payload["model_meta"]["num_labels"]
-    method = create_method(method_name, **kwargs)
-    if payload.get("method_state"):  # what the method generated outside the model (DRP prototypes, SPAT map)
-        method.load_state_dict(payload["method_state"])
-    decision = method.decision(model)
     ec = cfg.eval
     data_name = payload["config"]["data"]["name"]
     ds = load_dataset(data_name, "test", root=cfg.data.root, download=cfg.data.download, limit=ec.n_eval)

@@ -289,7 +289,7 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
         init = _method_init(cfg) if payload is None else None
         _drop_stale_ray_record(run_dir / CHECKPOINTS)
         if not cfg.data.streamed:
-            _preflight_data(cfg)
+            preflight_data(cfg)
         ensure_ray(cfg.ray_address)
         use_gpu = _use_gpu(cfg)
         plan, datasets, dataset_config = None, None, None
@@ -374,7 +374,7 @@ def _method_init(cfg: ExperimentConfig) -> Optional[Dict[str, Any]]:
     return METHODS.get(cfg.train.method).prepare_run(cfg)
 
 
-def _preflight_data(cfg: ExperimentConfig) -> None:
+def preflight_data(cfg: ExperimentConfig) -> None:
     """Load the dataset once on the driver so a missing dataset is a clear error, not a worker crash."""
     from ..data import load_dataset
 

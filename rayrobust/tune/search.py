@@ -162,17 +162,10 @@ def grade(decision: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
 
 
 def _decision_from_checkpoint(checkpoint: Where):
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..methods import create_method, method_kwargs
+    from ..checkpoint import load_trained
 
-    payload = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(checkpoint)
-    kwargs = method_kwargs(payload["config"]["train"])
-    kwargs["num_classes"] = payload.get("model_meta", {}).get("num_labels") or kwargs.get("num_classes", 10)
-    method = create_method(payload["config"]["train"]["method"], **kwargs)
-    if payload.get("method_state"):
-        method.load_state_dict(payload["method_state"])
-    return method.decision(model).eval(), payload
+    trained = load_trained(checkpoint)
+    return trained.decision, trained.payload
 
 
 def validation_subset(cfg: ExperimentConfig):
@@ -591,9 +584,9 @@ def run_tune(cfg: ExperimentConfig) -> Dict[str, Any]:
     if tune.Tuner.can_restore(exp.uri):
         raise ConfigError(f"{run.uri} already holds a search; continue it with `rayrobust tune --resume {run.uri}` "
                           "or choose another run_dir (--set run_dir=...)")
-    from ..train.ray_train import _preflight_data
+    from ..train.ray_train import preflight_data
 
-    _preflight_data(cfg)
+    preflight_data(cfg)
     study_store = StudyStorage(run, cfg.tune.optuna_storage)
     study_store.storage()  # an unreachable database fails here
     write_json(run / "tune_config.json", cfg.to_dict())
