@@ -95,6 +95,101 @@ def _printer(enabled: bool, label: str):
     return progress
 
 
+def _checked_inputs(dataset: DatasetLike, *, n: int, n_autoattack: int, eps: float, norm: str, version: str,
+                    backend: str) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """(x, y, dataset name) after every argument check: a bad argument is a ConfigError before any attack."""
+    from ..config import AUTOATTACK_VERSIONS, check_budget
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is unknown; use one of {', '.join(repr(b) for b in BACKENDS)}")
+    check_budget("eps", eps, norm)
+    if version not in AUTOATTACK_VERSIONS:
+        raise ConfigError(f"version={version!r} is unknown; use one of: {', '.join(AUTOATTACK_VERSIONS)} "
+                          "(rand: EOT, for randomized models)")
+    if not 0 <= n_autoattack <= n:
+        raise ConfigError(f"n_autoattack={n_autoattack} must be between 0 and n={n}")
+    x, y, ds_name = _as_tensors(dataset, n)
+    _validate_inputs(x, y)
+    check_budget("eps", eps, norm, tuple(x.shape[1:]))  # an L2 budget no longer than the images' diameter
+    return x, y, ds_name
+
+
+def _connect(*, n_autoattack: int, backend: str, ray_address: Optional[str], verbose: bool) -> None:
+    """Join (or start) Ray when AutoAttack will be sharded; print the hardware line once per process."""
+    if n_autoattack and backend == "ray":
+        _require_ray()
+        from ..raycluster import ensure_ray
+
+        ensure_ray(ray_address)
+    if verbose:  # "hardware: ..." once per process: the Ray cluster's totals when AutoAttack runs on it
+        from ..hardware import announce_hardware
+        from ..raycluster import announce_cluster_or_local
+
+        announce_cluster_or_local(ray_address) if n_autoattack and backend == "ray" else announce_hardware()
+
+
+def _attack_target(attacked: nn.Module, target: str, xa: torch.Tensor, ya: torch.Tensor, *, version: str, eps: float,
+                   norm: str, seed: int, chunk_size: int, num_shards: int, backend: str, label: str, verbose: bool,
+                   resume_dir, resume_identity: str) -> Dict[str, Any]:
+    """AutoAttack `version` on one target (the outputs, or their log), locally or sharded, resumable."""
+    from .sharded import local_autoattack, sharded_autoattack
+
+    # interactive: a bar (img/s, ETA, robust points left per attack stage); logs: a line per chunk
+    bar = AttackBar(len(xa), attacks_for(version), f"  [{label}] " + attack_label(version)
+                    + ("" if target == "outputs" else f" on {target}"), enabled=None if verbose else False)
+    shown = {"progress": None if bar.enabled else _printer(verbose, label),
+             "on_chunk": bar.chunk if bar.enabled else None}
+    shown["store"] = ChunkStore.maybe_open(
+        resume_dir, "autoattack" if target == "outputs" else "autoattack-log", attacked, xa, ya,
+        {"eps": eps, "norm": norm, "version": version, "seed": seed, "chunk_size": chunk_size,
+         "target": target, "identity": resume_identity})
+    with bar:
+        if backend == "local":
+            return local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
+                                    chunk_size=chunk_size, on_stage=bar.stage if bar.enabled else None, **shown)
+        return sharded_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=version, seed=seed,
+                                  chunk_size=chunk_size, num_shards=num_shards, **shown)
+
+
+def _autoattack_part(model: nn.Module, xa: torch.Tensor, ya: torch.Tensor, result: Dict[str, Any], *, version: str,
+                     probe: torch.Tensor, **settings) -> list:
+    """AutoAttack on (xa, ya) after the two checks that decide how it runs; fills result["autoattack*"] and
+    result["_attacked"] (what the report's figures attack); returns the flags it raised."""
+    before = check_before_autoattack(model, probe)
+    randomized, probabilities = (not f.passed for f in before)
+    aa_version = "rand" if randomized else version  # a random model is attacked with EOT
+    targets = [("outputs", model)] + ([("log(outputs)", LogOutputs(model))] if probabilities else [])
+    runs = []
+    device = probe.device
+    for target, attacked in targets:
+        aa = _attack_target(attacked, target, xa, ya, version=aa_version, **settings)
+        model.to(device)
+        runs.append((target, aa, summarize_autoattack(aa["broken_by"], attacks_for(aa_version))))
+    target, aa, summary = min(runs, key=lambda run: run[2]["robust"])  # the lower number; ties: the outputs
+    attack = attack_label(aa_version) + ("" if target == "outputs" else f" on {target}")
+    result["autoattack_acc"] = summary["robust"]
+    result["autoattack_version"] = aa_version  # "rand" for a random model, whatever was requested
+    result["autoattack"] = {"attack": attack, "version": aa_version, "target": target, "per_attack": summary,
+                            "seed": settings["seed"], "n": len(xa), "backend": settings["backend"],
+                            "num_shards": aa["num_shards"], "chunk_size": settings["chunk_size"],
+                            "seconds": sum(run[1]["seconds"] for run in runs), "workers": aa["workers"],
+                            "nodes": aa["nodes"]}
+    if "chunks" in aa:
+        result["autoattack"]["chunks"] = aa["chunks"]
+    if aa_version != version:
+        result["autoattack"]["version_requested"] = version
+    if len(runs) > 1:  # probabilities: attacked on the outputs and on their log, the lower one reported
+        result["autoattack"]["by_target"] = {t: {"robust": s["robust"], "per_attack": s} for t, _, s in runs}
+    result["_attacked"] = (dict(targets)[target], aa["broken_by"])
+    if settings["verbose"]:
+        print(f"  [{settings['label']}] {attack} {summary['robust']:.4f} on n={len(xa)} "
+              f"({result['autoattack']['seconds']:.1f}s)", file=sys.stderr, flush=True)
+    # AutoAttack's own tolerance (0.002), but never below one example: one point Square breaks
+    # out of a few hundred is noise, two or more is a signal.
+    return before + [check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}),
+                     check_square_vs_whitebox(summary, tol=max(0.002, 1.0 / len(xa)))]
+
+
 def evaluate(
     model: nn.Module,
     dataset: DatasetLike,
@@ -152,31 +247,9 @@ def evaluate(
         >>> res["autoattack_acc"], res["flags"]
         >>> res = rayrobust.evaluate(my_model, (x, y), eps=0.1, n=500, n_autoattack=100, backend="local")
     """
-    from .sharded import local_autoattack, sharded_autoattack
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend={backend!r} is unknown; use one of {', '.join(repr(b) for b in BACKENDS)}")
-    from ..config import AUTOATTACK_VERSIONS, check_budget
-
-    check_budget("eps", eps, norm)
-    if version not in AUTOATTACK_VERSIONS:
-        raise ConfigError(f"version={version!r} is unknown; use one of: {', '.join(AUTOATTACK_VERSIONS)} "
-                          "(rand: EOT, for randomized models)")
-    if not 0 <= n_autoattack <= n:
-        raise ConfigError(f"n_autoattack={n_autoattack} must be between 0 and n={n}")
-    x, y, ds_name = _as_tensors(dataset, n)
-    _validate_inputs(x, y)
-    check_budget("eps", eps, norm, tuple(x.shape[1:]))  # an L2 budget no longer than the images' diameter
-    if n_autoattack and backend == "ray":
-        _require_ray()
-        from ..raycluster import ensure_ray
-
-        ensure_ray(ray_address)
-    if verbose:  # "hardware: ..." once per process: the Ray cluster's totals when AutoAttack runs on it
-        from ..hardware import announce_hardware
-        from ..raycluster import announce_cluster_or_local
-
-        announce_cluster_or_local(ray_address) if n_autoattack and backend == "ray" else announce_hardware()
+    x, y, ds_name = _checked_inputs(dataset, n=n, n_autoattack=n_autoattack, eps=eps, norm=norm, version=version,
+                                    backend=backend)
+    _connect(n_autoattack=n_autoattack, backend=backend, ray_address=ray_address, verbose=verbose)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
@@ -195,57 +268,15 @@ def evaluate(
     }
     flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
     if n_autoattack:
-        xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
-        before = check_before_autoattack(model, x[:min(n_autoattack, batch_size)])
-        flags += before
-        randomized, probabilities = (not f.passed for f in before)
-        aa_version = "rand" if randomized else version  # a random model is attacked with EOT
-        targets = [("outputs", model)] + ([("log(outputs)", LogOutputs(model))] if probabilities else [])
-        runs = []
-        for target, attacked in targets:
-            # interactive: a bar (img/s, ETA, robust points left per attack stage); logs: a line per chunk
-            bar = AttackBar(n_autoattack, attacks_for(aa_version), f"  [{label}] " + attack_label(aa_version)
-                            + ("" if target == "outputs" else f" on {target}"), enabled=None if verbose else False)
-            shown = {"progress": None if bar.enabled else _printer(verbose, label),
-                     "on_chunk": bar.chunk if bar.enabled else None}
-            shown["store"] = ChunkStore.maybe_open(
-                resume_dir, "autoattack" if target == "outputs" else "autoattack-log", attacked, xa, ya,
-                {"eps": eps, "norm": norm, "version": aa_version, "seed": seed, "chunk_size": chunk_size,
-                 "target": target, "identity": resume_identity})
-            with bar:
-                if backend == "local":
-                    aa = local_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
-                                          chunk_size=chunk_size, on_stage=bar.stage if bar.enabled else None, **shown)
-                else:
-                    aa = sharded_autoattack(attacked, xa, ya, eps=eps, norm=norm, version=aa_version, seed=seed,
-                                            chunk_size=chunk_size, num_shards=num_shards, **shown)
-            model.to(device)
-            runs.append((target, aa, summarize_autoattack(aa["broken_by"], attacks_for(aa_version))))
-        target, aa, summary = min(runs, key=lambda run: run[2]["robust"])  # the lower number; ties: the outputs
-        attacked = dict(targets)[target]
-        attack = attack_label(aa_version) + ("" if target == "outputs" else f" on {target}")
-        result["autoattack_acc"] = summary["robust"]
-        result["autoattack_version"] = aa_version  # "rand" for a random model, whatever was requested
-        result["autoattack"] = {"attack": attack, "version": aa_version, "target": target, "per_attack": summary,
-                                "seed": seed, "n": n_autoattack, "backend": backend, "num_shards": aa["num_shards"],
-                                "chunk_size": chunk_size, "seconds": sum(run[1]["seconds"] for run in runs),
-                                "workers": aa["workers"], "nodes": aa["nodes"]}
-        if "chunks" in aa:
-            result["autoattack"]["chunks"] = aa["chunks"]
-        if aa_version != version:
-            result["autoattack"]["version_requested"] = version
-        if len(runs) > 1:  # probabilities: attacked on the outputs and on their log, the lower one reported
-            result["autoattack"]["by_target"] = {t: {"robust": s["robust"], "per_attack": s} for t, _, s in runs}
-        flags.append(check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}))
-        # AutoAttack's own tolerance (0.002), but never below one example: one point Square breaks
-        # out of a few hundred is noise, two or more is a signal.
-        flags.append(check_square_vs_whitebox(summary, tol=max(0.002, 1.0 / n_autoattack)))
-        if verbose:
-            print(f"  [{label}] {attack} {summary['robust']:.4f} on n={n_autoattack} "
-                  f"({result['autoattack']['seconds']:.1f}s)", file=sys.stderr, flush=True)
-        _add_figures(result, attacked, xa, ya, aa["broken_by"], summary, eps=eps, norm=norm, version=aa_version,
-                     seed=seed, chunk_size=chunk_size, eps_curve=eps_curve, gallery=gallery, class_names=class_names,
-                     backend=backend, label=label, verbose=verbose)
+        settings = {"eps": eps, "norm": norm, "seed": seed, "chunk_size": chunk_size, "num_shards": num_shards,
+                    "backend": backend, "label": label, "verbose": verbose, "resume_dir": resume_dir,
+                    "resume_identity": resume_identity}
+        flags += _autoattack_part(model, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), result, version=version,
+                                  probe=x[:min(n_autoattack, batch_size)], **settings)
+        model.to(device)
+        _add_figures(result, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), eps_curve=eps_curve, gallery=gallery,
+                     class_names=class_names, **{k: settings[k] for k in ("eps", "norm", "seed", "chunk_size", "backend",
+                                                                          "label", "verbose")})
         model.to(device)
     if checks:
         n_checks = min(len(x), max(n_autoattack, 200))
@@ -262,11 +293,14 @@ def evaluate(
     return result
 
 
-def _add_figures(result, attacked, xa, ya, broken_by, summary, *, eps, norm, version, seed, chunk_size, eps_curve,
-                 gallery, class_names, backend, label, verbose) -> None:
-    """result["eps_curve"] and result["gallery"] (the report's robust-vs-eps curve and adversarial examples)."""
+def _add_figures(result, xa, ya, *, eps, norm, seed, chunk_size, eps_curve, gallery, class_names, backend, label,
+                 verbose) -> None:
+    """result["eps_curve"] and result["gallery"] (the report's robust-vs-eps curve and adversarial examples), on the
+    target AutoAttack's reported number came from."""
     from . import figures
 
+    attacked, broken_by = result.pop("_attacked")
+    version, summary = result["autoattack"]["version"], result["autoattack"]["per_attack"]
     if eps_curve:
         at_eps = summary.get("apgd-t") if version == "standard" else (summary["robust"] if version == "rand" else None)
         result["eps_curve"] = _on_accelerator(figures.eps_curve, attacked, xa, ya, eps=eps, norm=norm, version=version,
