@@ -161,18 +161,18 @@ def test_benchmark_called_as_robustbench_readme_matches_evaluate(digits_model, t
     monkeypatch.chdir(tmp_path)
     threat_model, dataset = "Linf", "digits"
     device = torch.device("cpu")
-    clean_acc, robust_acc = benchmark(digits_model, model_name="Digits2026SmallCNN", n_examples=60, dataset=dataset,
+    clean_acc, robust_acc = benchmark(digits_model, model_name="Digits2026SmallCNN", n_examples=30, dataset=dataset,
                                       threat_model=threat_model, eps=0.1, device=device, to_disk=True)
-    ref = rayrobust.evaluate(digits_model, "digits", eps=0.1, norm="Linf", n=60, n_autoattack=60, batch_size=32,
+    ref = rayrobust.evaluate(digits_model, "digits", eps=0.1, norm="Linf", n=30, n_autoattack=30, batch_size=32,
                              chunk_size=32, backend="local", verbose=False)
     assert (clean_acc, robust_acc) == (ref["clean_acc"], ref["autoattack_acc"])
     assert 0 < robust_acc < clean_acc  # a number that could differ, not 0 = 0
     saved = json.loads((tmp_path / "model_info" / "digits" / "Linf" / "Digits2026SmallCNN.json").read_text())
     assert saved["autoattack_acc"] == robust_acc and saved["benchmark"]["eps"] == 0.1
     # L2, and the full result on request
-    res = benchmark(digits_model, n_examples=60, dataset=dataset, threat_model="L2", eps=0.5, device=device,
+    res = benchmark(digits_model, n_examples=30, dataset=dataset, threat_model="L2", eps=1.0, device=device,
                     return_result=True, checks=False)
-    ref2 = rayrobust.evaluate(digits_model, "digits", eps=0.5, norm="L2", n=60, n_autoattack=60, batch_size=32,
+    ref2 = rayrobust.evaluate(digits_model, "digits", eps=1.0, norm="L2", n=30, n_autoattack=30, batch_size=32,
                               chunk_size=32, backend="local", verbose=False, checks=False)
     assert (res["clean_acc"], res["autoattack_acc"]) == (ref2["clean_acc"], ref2["autoattack_acc"])
     assert res["norm"] == "L2" and res["autoattack"]["per_attack"] == ref2["autoattack"]["per_attack"]
