@@ -267,6 +267,7 @@ def test_certificate_is_never_violated(trained, digits):
 # --------------------------------------------------------------------------------------- Ray Train + CLI
 
 
+@pytest.mark.ray
 @pytest.mark.extended
 def test_ray_train_checkpoint_evaluate_and_certify(ray_cluster, tmp_path, digits, capsys):
     from rayrobust.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint

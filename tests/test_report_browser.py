@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,8 +90,11 @@ def make_pipeline_run(run_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def browser():
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    assert not missing, (f"{missing} not installed: `make setup` installs Debian chromium and chromium-driver "
-                         "(or apt-get install -y chromium chromium-driver)")
+    why = (f"{missing} not installed: `make browser` installs Debian chromium and chromium-driver "
+           "(or apt-get install -y chromium chromium-driver)")
+    if missing and not os.environ.get("CI"):  # a developer's machine without Chromium: said, not silent
+        pytest.skip(why)
+    assert not missing, why  # CI (the CI variable set, as .ci/run does) must run the browser tests
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
