@@ -19,8 +19,10 @@ command prints `tensorboard --logdir <run_dir>/tune` for it (TensorBoard and opt
 from __future__ import annotations
 
 import errno
+import importlib.util
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -104,10 +106,11 @@ def tensorboard_command(run_dir: Where) -> str:
     if run.is_local:
         note = "" if logdir.is_dir() else f"  ({logdir.uri} does not exist yet: Tune writes it as trials run)"
     elif run.scheme == "s3":
-        note = ("  (TensorBoard reads s3:// itself through boto3, with the same AWS_* variables; or copy "
-                f"{logdir.uri} down first and pass the local copy)")
+        boto3 = importlib.util.find_spec("boto3") is not None
+        note = (f"  (TensorBoard reads s3:// itself through boto3{'' if boto3 else ', once installed: pip install boto3'}, "
+                f"with the same AWS_* variables; or copy {logdir.uri} down first and pass the local copy)")
     else:
-        note = ("  (TensorBoard reads gs:// through fsspec with gcsfs installed; or copy "
+        note = ("  (TensorBoard reads gs:// through fsspec once gcsfs is installed: pip install gcsfs; or copy "
                 f"{logdir.uri} down first, e.g. `gcloud storage cp -r {shlex.quote(logdir.uri)} .`, and pass the local copy)")
     exe = _tensorboard_exe()
     if exe is None:
@@ -172,6 +175,10 @@ def study_path(study: Study) -> str:
     return f"/dashboard/studies/{study.study_id}"
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(run_dir: Where, host: str = "127.0.0.1", port: int = 8080) -> None:
     """The `rayrobust dashboard` command: print where the study is and TensorBoard's command, then serve
     optuna-dashboard until Ctrl-C."""
@@ -186,6 +193,8 @@ def serve(run_dir: Where, host: str = "127.0.0.1", port: int = 8080) -> None:
             print(f"warning: listening on every interface ({host}); anyone who reaches this port can read and "
                   "edit the study", flush=True)
         print(f"optuna-dashboard: {server.url(study_path(study))}  (Ctrl-C to stop)", flush=True)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM stops it like Ctrl-C: the copy is removed
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
