@@ -5,7 +5,7 @@ file://...; every file below is written atomically through `rayrobust.location`)
 
     tune_config.json        the experiment config the search was started with (what --resume reads)
     optuna.journal          the Optuna study (JournalStorage) unless tune.optuna_storage names a database:
-                            `optuna-dashboard optuna.journal` (copy it down first from object storage)
+                            `rayrobust dashboard <run_dir>` serves optuna-dashboard over it (rayrobust.dashboard)
     tune/                   the Tune experiment (RunConfig(storage_path=<run_dir>, name="tune"): experiment
                             state, per-trial TensorBoard logs): `tensorboard --logdir <run_dir>/tune`
     trials/<trial_id>/      one Ray Train run per trial: checkpoints/epoch_NNN/, metrics.jsonl, params.json,
