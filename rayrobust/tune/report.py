@@ -146,8 +146,11 @@ def eps_plot(curves: Dict[str, Dict[str, Any]]) -> str:
                     label=f"{label}: {c['pgd_label']}")
         if c.get("aa"):
             ax.scatter([c["aa"][0]], [c["aa"][1]], marker="*", s=140, color=color,
-                       label=f"{label}: AutoAttack standard")
-    ax.set_xlabel("eps (L-inf, [0,1] pixel units)")
+                       label=f"{label}: AutoAttack {c.get('aa_version') or 'standard'}")
+    from ..labels import norm_label
+
+    norms = sorted({c.get("norm") or "Linf" for c in curves.values()}) or ["Linf"]
+    ax.set_xlabel(f"eps ({', '.join(norm_label(n) for n in norms)}, [0,1] pixel units)")
     ax.set_ylabel("accuracy under attack")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=.3)
@@ -245,7 +248,8 @@ def _eps_curve(ev: Dict[str, Any]) -> Dict[str, Any]:
     pgd = dict(m.get("pgd_by_eps") or {})
     aa = (ev["eps"], ev["autoattack_acc"]) if ev.get("autoattack_acc") is not None else None
     return {"pgd": pgd, "pgd_label": f"PGD-{m.get('pgd_steps', '?')} on CE (sanity probe)", "aa": aa,
-            "clean": ev.get("clean_acc")}
+            "clean": ev.get("clean_acc"), "norm": ev.get("norm", "Linf"),
+            "aa_version": ev.get("autoattack_version") or (ev.get("autoattack") or {}).get("version")}
 
 
 def _trials_table(trials: List[Dict[str, Any]], selected: List[str]) -> str:
@@ -278,8 +282,8 @@ def _tune_sections(run_dir: Location, ts: Dict[str, Any]) -> Dict[str, str]:
                     if final else '<p id="autoattack-table" class="note">no unflagged trial finished: nothing was re-evaluated.</p>')
     done = [t for t in trials if t.get("clean_acc") is not None]
     out["pareto"] = (_figure("plot-pareto", pareto_plot(trials, pareto, selected),
-                             f"{len(done)} trials; robust = APGD-CE + APGD-T on {ts.get('val_n')} validation images at eps "
-                             f"{ts.get('eps')}; flagged trials in red")
+                             f"{len(done)} trials; robust = APGD-CE + APGD-T on {ts.get('val_n')} validation images at "
+                             f"{ts.get('norm') or 'Linf'} eps {ts.get('eps')}; flagged trials in red")
                      if done else '<p id="plot-pareto" class="note">no trial reported a result.</p>')
     curves, evals = {}, {}
     for f in final:
