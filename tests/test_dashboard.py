@@ -91,7 +91,7 @@ def test_dashboard_shows_the_search_in_chromium(browser, tmp_path):  # noqa: F81
     try:
         # the study page: its title, both objectives named, the Pareto front plotted
         browser.get(server.url(study_path(study)))
-        text = _body_text(browser, "rayrobust (id=0)", "Pareto Front", "Objective Values")
+        text = _body_text(browser, f"rayrobust (id={study.study_id})", "Pareto Front", "Objective Values")
         for name in ("clean_acc", "robust_objective"):  # the objectives' names, as `rayrobust tune` sets them
             assert name in text, name
         pareto = {t.number for t in study.storage.get_all_trials(study.study_id) if t.values[1] > 0}
@@ -178,3 +178,35 @@ def test_dashboard_listens_on_loopback_by_default():
 
     args = build_parser().parse_args(["dashboard", "runs/tune"])
     assert (args.host, args.port) == ("127.0.0.1", 8080)
+
+
+def test_dashboard_serves_a_database_study_directly(tmp_path, capsys):
+    """tune.optuna_storage: the run's study among the database's studies, named after the run."""
+    import optuna
+
+    from rayrobust.cli import main
+    from rayrobust.dashboard import open_study, study_path
+    from rayrobust.location import Location
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tune_config.json").write_text(json.dumps({"tune": {"optuna_storage": url}}))
+    assert main(["dashboard", str(run)]) == 2  # the database holds no study of this run yet
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"no study named 'rayrobust:{Location(run).uri}'" in err
+
+    optuna.create_study(study_name="rayrobust:another-run", storage=url)
+    db = optuna.create_study(study_name=f"rayrobust:{Location(run).uri}", storage=url, directions=["maximize"] * 2)
+    for values in ([0.8, 0.5], [0.9, 0.4], [0.7, 0.0]):
+        db.add_trial(optuna.trial.create_trial(values=values, params={}, distributions={}))
+    study = open_study(run)
+    assert not study.snapshot and study.n_trials == 3 and study.source == url
+    server = _serve(study)
+    try:
+        detail = _get_json(server, f"/api/studies/{db._study_id}")
+        assert study_path(study) == f"/dashboard/studies/{db._study_id}"
+        assert [t["values"] for t in detail["trials"]] == [[0.8, 0.5], [0.9, 0.4], [0.7, 0.0]]
+    finally:
+        server.stop()
+        study.close()
