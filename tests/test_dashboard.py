@@ -160,6 +160,7 @@ def test_dashboard_command_errors_are_one_line(tmp_path, capsys):
     one_line_error(["dashboard", "s3://x/run"], "names no bucket")
 
     run = _search_run(tmp_path / "search")
+    capsys.readouterr()  # Optuna's log line about the study it created
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
