@@ -206,6 +206,7 @@ class EvalConfig:
     seed: int = 0
     eot_samples: int = 1  # purifier defenses' BPDA attack: gradients averaged over this many calls (EOT)
     eps_curve: bool = True  # APGD-CE + APGD-T at eps/2, eps, 3eps/2, 2eps on the AutoAttack images (the report's curve)
+    eps_curve_n: int = 0  # the curve on the first n AutoAttack images (whole chunks); 0 = all of them
     gallery: int = 8  # AutoAttack's adversarial examples kept for the report (0 = none)
 
     def __post_init__(self) -> None:
@@ -221,6 +222,7 @@ class EvalConfig:
         _check(self.num_shards >= 1, f"eval.num_shards={self.num_shards} must be >= 1")
         _check(self.chunk_size >= 1, f"eval.chunk_size={self.chunk_size} must be >= 1")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        _check(self.eps_curve_n >= 0, f"eval.eps_curve_n={self.eps_curve_n} must be >= 0 (0: all AutoAttack images)")
         _check(0 <= self.gallery <= 64, f"eval.gallery={self.gallery} must be between 0 and 64 (examples shown in the report)")
 
 

@@ -59,6 +59,22 @@ def test_eps_curve_at_eps_is_autoattacks_apgd_t_stage_exactly():
     again = eps_curve(model, xt, yt, eps=0.1, chunk_size=20, at_eps=None)
     assert next(p["robust"] for p in again["points"] if p["eps"] == 0.1) == at_aa > 0.1
     assert [p["robust"] for p in again["points"]] == [p["robust"] for p in res["eps_curve"]["points"]]
+    # on the first chunk only (eps_curve_n): the point at eps is AutoAttack's stages on that chunk's images
+    part = evaluate(model, (xt, yt), eps=0.1, n=40, n_autoattack=40, chunk_size=20, backend="local", eps_curve=True,
+                    eps_curve_n=25, checks=False, verbose=False)["eps_curve"]
+    first = eps_curve(model, xt[:20], yt[:20], eps=0.1, chunk_size=20, at_eps=None)
+    assert part["n"] == 20 and part["points"][1]["source"] == "the AutoAttack run at eps"
+    assert [p["robust"] for p in part["points"]] == [p["robust"] for p in first["points"]]
+
+
+def test_curve_images_keep_autoattacks_chunks():
+    from rayrobust.evaluation.figures import curve_images, robust_after
+
+    assert curve_images(200, 100, 0) == 200 and curve_images(200, 100, 150) == 100
+    assert curve_images(200, 50, 120) == 100 and curve_images(200, 100, 30) == 30 and curve_images(80, 100, 500) == 80
+    outcomes = ["clean", "apgd-ce", None, "apgd-t", "fab-t", "square", None, None]
+    assert robust_after(outcomes, "standard") == 5 / 8 and robust_after(outcomes, "plus") is None
+    assert robust_after(["clean", None, "apgd-dlr", None], "rand") == 0.5
 
 
 def test_gallery_examples_are_real_adversarial_examples(evaluated):

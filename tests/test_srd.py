@@ -180,7 +180,9 @@ def test_pipeline_trains_srd_after_the_semantic_stages_and_evaluates_adaptively(
     page = write_report(run).read_text()
     assert 'id="purifier-table"' in page and f"<b>{res['adaptive_acc']:.4f}</b>" in page
     assert f"{transfer:.4f}" in page and f"{bpda:.4f}" in page
-    assert res["gallery"]["examples"] and page.count('<div class="ex">') == len(res["gallery"]["examples"]) <= 2
+    per = res["autoattack"]["per_attack"]
+    broken = round((per["clean"] - per["robust"]) * per["n"])  # images an attack (not the clean pass) broke
+    assert len(res["gallery"]["examples"]) == min(2, broken) == page.count('<div class="ex">')
 
 
 @pytest.mark.ray

@@ -37,6 +37,7 @@ from ..attacks.autoattack import (build_autoattack, cuda_devices, orchestrate, v
 from ..attacks.pgd import eval_mode, frozen_params, model_device
 from ..errors import ConfigError
 from ..progress import AttackBar
+from ..raypool import run_pool
 from .resume import ChunkStore
 from .sharded import restore_chunks
 
@@ -138,20 +139,21 @@ def _run_chunks(task, purified: nn.Module, x, y, *, seed: int, chunk_size: int, 
     resources, threads = ({"num_gpus": 1}, None) if gpus else ({"num_cpus": 1}, 1)
     remote = ray.remote(max_retries=2, **resources)(task)
     model_ref = ray.put(purified.cpu())
-    pending: Dict[Any, int] = {}
     width = max(1, min(num_shards, gpus or num_shards))
-    while queue or pending:
-        while queue and len(pending) < width:
-            i, (s, e) = queue.pop(0)
-            pending[remote.remote(model_ref, x[s:e].cpu(), y[s:e].cpu(),
-                                  {**kwargs, "seed": chunk_seed(seed, i)}, threads)] = i
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        results[i] = ray.get(ready[0])
+
+    def submit(_slot, item):
+        i, (s, e) = item
+        return remote.remote(model_ref, x[s:e].cpu(), y[s:e].cpu(), {**kwargs, "seed": chunk_seed(seed, i)}, threads)
+
+    def returned(item, value) -> None:
+        i = item[0]
+        results[i] = value
         if store is not None:
-            store.save(i, *plan[i], results[i])
+            store.save(i, *plan[i], value)
         if bar is not None:
-            bar.chunk(broken_of(results[i]))
+            bar.chunk(broken_of(value))
+
+    run_pool(range(width), queue, submit=submit, on_result=returned)  # at most `width` tasks at a time
     return [results[i] for i in range(len(plan))]
 
 

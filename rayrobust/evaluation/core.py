@@ -191,31 +191,12 @@ def _autoattack_part(model: nn.Module, xa: torch.Tensor, ya: torch.Tensor, resul
 
 
 def evaluate(
-    model: nn.Module,
-    dataset: DatasetLike,
-    *,
-    eps: float = 0.1,
-    norm: str = "Linf",
-    n: int = 1000,
-    n_autoattack: int = 200,
-    pgd_steps: int = 20,
-    pgd_restarts: int = 1,
-    seed: int = 0,
-    num_shards: int = 2,
-    batch_size: int = 250,
-    chunk_size: int = 100,
-    checks: bool = True,
-    version: str = "standard",
-    label: str = "model",
-    ray_address: Optional[str] = None,
-    verbose: bool = True,
-    backend: str = "ray",
-    resume_dir: Optional["Where"] = None,
-    resume_identity: str = "",
-    device: Optional[Union[str, torch.device]] = None,
-    eps_curve: bool = False,
-    gallery: int = 0,
-    class_names: Tuple[str, ...] = (),
+    model: nn.Module, dataset: DatasetLike, *, eps: float = 0.1, norm: str = "Linf", n: int = 1000,
+    n_autoattack: int = 200, pgd_steps: int = 20, pgd_restarts: int = 1, seed: int = 0, num_shards: int = 2,
+    batch_size: int = 250, chunk_size: int = 100, checks: bool = True, version: str = "standard",
+    label: str = "model", ray_address: Optional[str] = None, verbose: bool = True, backend: str = "ray",
+    resume_dir: Optional["Where"] = None, resume_identity: str = "", device: Optional[Union[str, torch.device]] = None,
+    eps_curve: bool = False, eps_curve_n: int = 0, gallery: int = 0, class_names: Tuple[str, ...] = (),
 ) -> Dict[str, Any]:
     """Evaluate `model` (logits from [0,1] images) on the first `n` test images.
 
@@ -229,16 +210,15 @@ def evaluate(
     `softmax_output` and attacked both as they are and on their logarithm; the lower robust accuracy is reported.
     `result["autoattack"]["attack"]` names what produced the number, e.g. "AutoAttack (rand, EOT=20)".
 
-    `resume_dir` (a local path or URI): every finished AutoAttack chunk is saved there as it finishes, keyed
-    by the model's weights, the images and the attack settings (plus `resume_identity`, e.g. a checkpoint's
-    sha256); a rerun after an interruption reads those chunks back and attacks only the others, with the
-    same result. `result["autoattack"]["chunks"]` counts them: {"total", "resumed", "computed"}.
+    `resume_dir` (a local path or URI): finished AutoAttack chunks are saved there, keyed by the weights, the
+    images, the settings and `resume_identity`; a rerun attacks only the others (`result["autoattack"]["chunks"]`).
 
     `norm` "Linf" budgets are in (0, 1]; "L2" budgets may exceed 1, up to the images' diameter sqrt(C*H*W).
     `version`: AutoAttack's "standard", "plus" or "rand" (EOT); `result["autoattack_version"]` records it.
     `device` (None: the GPU when there is one, else the CPU) is where the model, clean and PGD accuracy go.
 
-    `eps_curve`: add result["eps_curve"], APGD-CE + APGD-T at eps/2, eps, 3eps/2, 2eps on AutoAttack's images;
+    `eps_curve`: add result["eps_curve"], APGD-CE + APGD-T at eps/2, eps, 3eps/2, 2eps on AutoAttack's images
+    (the first `eps_curve_n` of them, in whole chunks, when > 0);
     `gallery` > 0: add result["gallery"], that many of AutoAttack's adversarial examples with their predictions
     (`class_names` names the labels). Both are what `rayrobust report` draws (see rayrobust.evaluation.figures).
 
@@ -274,7 +254,8 @@ def evaluate(
         flags += _autoattack_part(model, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), result, version=version,
                                   probe=x[:min(n_autoattack, batch_size)], **settings)
         model.to(device)
-        _add_figures(result, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), eps_curve=eps_curve, gallery=gallery,
+        _add_figures(result, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), eps_curve=eps_curve,
+                     eps_curve_n=eps_curve_n, gallery=gallery,
                      class_names=class_names, **{k: settings[k] for k in ("eps", "norm", "seed", "chunk_size", "backend",
                                                                           "label", "verbose")})
         model.to(device)
@@ -293,18 +274,21 @@ def evaluate(
     return result
 
 
-def _add_figures(result, xa, ya, *, eps, norm, seed, chunk_size, eps_curve, gallery, class_names, backend, label,
-                 verbose) -> None:
+def _add_figures(result, xa, ya, *, eps, norm, seed, chunk_size, eps_curve, eps_curve_n, gallery, class_names,
+                 backend, label, verbose) -> None:
     """result["eps_curve"] and result["gallery"] (the report's robust-vs-eps curve and adversarial examples), on the
     target AutoAttack's reported number came from."""
     from . import figures
 
     attacked, broken_by = result.pop("_attacked")
-    version, summary = result["autoattack"]["version"], result["autoattack"]["per_attack"]
+    version = result["autoattack"]["version"]
     if eps_curve:
-        at_eps = summary.get("apgd-t") if version == "standard" else (summary["robust"] if version == "rand" else None)
-        result["eps_curve"] = _on_accelerator(figures.eps_curve, attacked, xa, ya, eps=eps, norm=norm, version=version,
-                                              seed=seed, chunk_size=chunk_size, at_eps=at_eps, backend=backend)
+        n_c = figures.curve_images(len(xa), chunk_size, eps_curve_n)
+        aligned = n_c == len(xa) or n_c % chunk_size == 0  # the same chunks as AutoAttack: its stages are the curve's
+        at_eps = figures.robust_after(broken_by[:n_c], version) if aligned else None
+        result["eps_curve"] = _on_accelerator(figures.eps_curve, attacked, xa[:n_c], ya[:n_c], eps=eps, norm=norm,
+                                              version=version, seed=seed, chunk_size=chunk_size, at_eps=at_eps,
+                                              backend=backend)
         if verbose:
             pts = ", ".join(f"{p['eps']:g}: {p['robust']:.3f}" for p in result["eps_curve"]["points"])
             print(f"  [{label}] robust vs eps ({result['eps_curve']['attack'].split(' (')[0]}): {pts} "
@@ -335,7 +319,7 @@ def evaluate_checkpoint(cfg, checkpoint: "Where", out_path: Optional["Where"] = 
                    version=ec.autoattack_version,
                    pgd_steps=ec.pgd_steps, pgd_restarts=ec.pgd_restarts, seed=ec.seed, num_shards=ec.num_shards,
                    batch_size=ec.batch_size, chunk_size=ec.chunk_size, checks=ec.checks, label=label or method_name,
-                   ray_address=cfg.ray_address, eps_curve=ec.eps_curve, gallery=ec.gallery,
+                   ray_address=cfg.ray_address, eps_curve=ec.eps_curve, eps_curve_n=ec.eps_curve_n, gallery=ec.gallery,
                    class_names=tuple(getattr(ds, "classes", ()) or ()), **resume)
     if method.purifies:  # purify -> classify (srd): add BPDA + EOT and the non-adaptive number
         from .adaptive import evaluate_purified

@@ -41,6 +41,25 @@ def curve_eps(eps: float, norm: str, x: torch.Tensor) -> List[float]:
     return out
 
 
+def curve_images(n_autoattack: int, chunk_size: int, limit: int = 0) -> int:
+    """How many of AutoAttack's images the curve attacks: all, or the first `limit` rounded down to whole chunks
+    (so its chunks, and their seeds, are AutoAttack's), at least one chunk's worth."""
+    if not limit or limit >= n_autoattack:
+        return n_autoattack
+    return max(min(limit, chunk_size), (limit // chunk_size) * chunk_size)
+
+
+def robust_after(broken_by: Sequence[Optional[str]], version: str) -> Optional[float]:
+    """The fraction of `broken_by` (AutoAttack's per-image outcomes) still robust after its APGD-CE and APGD-T
+    stages (standard) or after all of its attacks (rand); None for the other versions, whose first two attacks
+    are not APGD-CE then APGD-T."""
+    if version == "standard":
+        return sum(b not in ("clean", "apgd-ce", "apgd-t") for b in broken_by) / len(broken_by)
+    if version == "rand":
+        return broken_by.count(None) / len(broken_by)
+    return None
+
+
 def eps_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
               version: str = "standard", seed: int = 0, chunk_size: int = 100,
               at_eps: Optional[float] = None) -> Dict[str, Any]:

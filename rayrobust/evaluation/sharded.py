@@ -21,6 +21,7 @@ from torch import nn
 
 from ..attacks.autoattack import StageCallback, autoattack_chunk, chunk_plan, chunk_seed
 from ..hardware import ray_node_id
+from ..raypool import run_pool
 
 ChunkCallback = Callable[[List[Optional[str]]], None]  # a finished chunk's per-example outcome
 
@@ -94,33 +95,26 @@ def sharded_autoattack(
     workers: Dict[str, int] = {}
     nodes: Dict[str, int] = {}
     t0 = time.perf_counter()
+    done = [len(plan) - len(todo)]
+
+    def returned(item, value) -> None:
+        k, chunk_broken, pid, node = value
+        s, e = plan[k]
+        broken[s:e] = chunk_broken
+        if store is not None:
+            store.save(k, s, e, chunk_broken)
+        workers[str(pid)] = workers.get(str(pid), 0) + (e - s)
+        if node:
+            nodes[node] = nodes.get(node, 0) + (e - s)
+        done[0] += 1
+        if on_chunk:
+            on_chunk(chunk_broken)
+        if progress:
+            progress(done[0], len(plan))
+
     try:
-        queue = list(todo)
-        pending = {}
-        for actor in actors:
-            if queue:
-                k, (s, e) = queue.pop(0)
-                pending[actor.attack.remote(k, s, e, seed)] = actor
-        done = len(plan) - len(todo)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ready[0])
-            k, chunk_broken, pid, node = ray.get(ready[0])
-            s, e = plan[k]
-            broken[s:e] = chunk_broken
-            if store is not None:
-                store.save(k, s, e, chunk_broken)
-            workers[str(pid)] = workers.get(str(pid), 0) + (e - s)
-            if node:
-                nodes[node] = nodes.get(node, 0) + (e - s)
-            done += 1
-            if on_chunk:
-                on_chunk(chunk_broken)
-            if progress:
-                progress(done, len(plan))
-            if queue:
-                k, (s, e) = queue.pop(0)
-                pending[actor.attack.remote(k, s, e, seed)] = actor
+        run_pool(actors, todo, submit=lambda actor, item: actor.attack.remote(item[0], *item[1], seed),
+                 on_result=returned)
     finally:
         for actor in actors:
             ray.kill(actor)

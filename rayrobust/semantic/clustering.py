@@ -152,6 +152,45 @@ def _samples(group, counts: Dict[int, int], sample_size: int, seed: int) -> Dict
     return samples
 
 
+def _choose_k(jobs, samples, counts, *, k_max: int, threshold: float, log) -> tuple:
+    """(K per class, silhouette per class and K): the best-scoring K >= 2 when it beats `threshold`, else 1."""
+    scores: Dict[int, Dict[int, float]] = {c: {} for c in counts}
+    chosen: Dict[int, int] = {}
+    for c in counts:
+        dist = pairwise_distances(samples[c]) if k_max >= 2 else None  # (M, M)
+        for k in range(2, k_max + 1):
+            labels, _ = nearest(samples[c], jobs[c, k].centroids)
+            scores[c][k] = silhouette(samples[c], labels, dist)
+        best = max(scores[c], key=lambda k: (scores[c][k], -k)) if scores[c] else 1
+        chosen[c] = best if best > 1 and scores[c][best] > threshold else 1
+        log(f"clusters: class {c}: n={counts[c]} K={chosen[c]} silhouette "
+            + (" ".join(f"K{k}={s:.3f}" for k, s in scores[c].items()) or "-"))
+    return chosen, scores
+
+
+def _assemble(final, jobs, chosen, counts, var_floor: float) -> tuple:
+    """Per class, the chosen run's centroids, exact means and variances (summed over the shards' statistics),
+    sizes, owning class, and each point's (index, global cluster)."""
+    cent, means, variances, sizes, owner, index, assign = [], [], [], [], [], [], []
+    offset = 0
+    for c in counts:
+        job = jobs[c, chosen[c]]
+        parts = [f[job.id] for f in final]
+        n = np.sum([p[4] for p in parts], axis=0)  # (K,)
+        mu = np.sum([p[2] for p in parts], axis=0) / np.maximum(n, 1)[:, None]  # (K, d) float64
+        var = np.sum([p[3] for p in parts], axis=0) / np.maximum(n, 1)[:, None] - mu ** 2
+        mu[n == 0] = job.centroids[n == 0]
+        cent.append(job.centroids)
+        means.append(mu)
+        variances.append(np.maximum(var, var_floor))
+        sizes.append(n)
+        owner.append(np.full(chosen[c], c, np.int64))
+        index.extend(p[0] for p in parts)
+        assign.extend(p[1] + offset for p in parts)
+        offset += chosen[c]
+    return cent, means, variances, sizes, owner, index, assign
+
+
 def adaptive_cluster(group, *, k_max: int, threshold: float, iters: int = 25, n_init: int = 3,
                      sample_size: int = 2000, seed: int = 0, var_floor: float = 1e-4,
                      expected_dim: Optional[int] = None,
@@ -180,38 +219,10 @@ def adaptive_cluster(group, *, k_max: int, threshold: float, iters: int = 25, n_
     for (c, k, _), job in runs.items():
         if (c, k) not in jobs or job.inertia[-1] < jobs[c, k].inertia[-1]:
             jobs[c, k] = job
-
-    scores: Dict[int, Dict[int, float]] = {c: {} for c in counts}
-    chosen: Dict[int, int] = {}
-    for c in counts:
-        dist = pairwise_distances(samples[c]) if k_max >= 2 else None  # (M, M)
-        for k in range(2, k_max + 1):
-            labels, _ = nearest(samples[c], jobs[c, k].centroids)
-            scores[c][k] = silhouette(samples[c], labels, dist)
-        best = max(scores[c], key=lambda k: (scores[c][k], -k)) if scores[c] else 1
-        chosen[c] = best if best > 1 and scores[c][best] > threshold else 1
-        log(f"clusters: class {c}: n={counts[c]} K={chosen[c]} silhouette "
-            + (" ".join(f"K{k}={s:.3f}" for k, s in scores[c].items()) or "-"))
-
+    chosen, scores = _choose_k(jobs, samples, counts, k_max=k_max, threshold=threshold, log=log)
     final = group.call("finish", [(jobs[c, chosen[c]].id, c, jobs[c, chosen[c]].centroids) for c in counts])
     group.call("forget", [j.id for j in runs.values()])
-    cent, means, variances, sizes, owner, index, assign = [], [], [], [], [], [], []
-    offset = 0
-    for c in counts:
-        job = jobs[c, chosen[c]]
-        parts = [f[job.id] for f in final]
-        n = np.sum([p[4] for p in parts], axis=0)  # (K,)
-        mu = np.sum([p[2] for p in parts], axis=0) / np.maximum(n, 1)[:, None]  # (K, d) float64
-        var = np.sum([p[3] for p in parts], axis=0) / np.maximum(n, 1)[:, None] - mu ** 2
-        mu[n == 0] = job.centroids[n == 0]
-        cent.append(job.centroids)
-        means.append(mu)
-        variances.append(np.maximum(var, var_floor))
-        sizes.append(n)
-        owner.append(np.full(chosen[c], c, np.int64))
-        index.extend(p[0] for p in parts)
-        assign.extend(p[1] + offset for p in parts)
-        offset += chosen[c]
+    cent, means, variances, sizes, owner, index, assign = _assemble(final, jobs, chosen, counts, var_floor)
     index_all = np.concatenate(index)
     order = np.argsort(index_all, kind="stable")
     return ClusterResult(

@@ -23,11 +23,12 @@ import torch
 from ..data import ArrayDataset
 from ..errors import ConfigError
 from ..location import Where, as_location
-from .artifacts import atomic_dir, check_reuse, dataset_sha256
+from ..raypool import run_pool
+from .artifacts import atomic_dir, check_reuse
 from .clustering import CLUSTERS_DIR, load_clusters
 from .dictionaries import DICTIONARIES_DIR, DictionaryParams, DictionaryWorker, save_dictionaries, select_members
 from .errors import ArtifactMismatchError
-from .source import ImageSource, describe
+from .source import ImageSource, describe_data
 
 
 def run_dictionaries(dataset: Union[ImageSource, ArrayDataset], clusters: Where, out_dir: Where,
@@ -48,17 +49,7 @@ def run_dictionaries(dataset: Union[ImageSource, ArrayDataset], clusters: Where,
     clusters = as_location(clusters)
     cdir = clusters if clusters.name == CLUSTERS_DIR else clusters / CLUSTERS_DIR
     cl = load_clusters(cdir)
-    source = cl["summary"]["source_latents"]
-    if isinstance(dataset, ImageSource):
-        info = describe(dataset)  # on a worker: the driver never loads the images
-        data_sha, n, name, shape = info["data_sha256"], info["n"], info["name"], info["shape"]
-    else:
-        data_sha, n, name, shape = dataset_sha256(dataset.x, dataset.y), len(dataset), dataset.name, list(dataset.shape)
-    if source["reuse_key"].get("data_sha256") not in (None, data_sha) or source["n"] != n:
-        raise ArtifactMismatchError(
-            f"the dataset given ({name}, n={n}) is not the one the latents in {source['dir']} "
-            f"came from ({source['reuse_key'].get('dataset')}, n={source['n']}); pass the same data "
-            "(same data.name, data.train_limit and semantic.extract_limit)")
+    shape = _same_data(dataset, cl["summary"]["source_latents"])
     key = {"clusters": cl["summary"]["reuse_key"], "params": asdict(params)}
     dest = as_location(out_dir) / DICTIONARIES_DIR
     old = check_reuse(dest, key, stage="dictionaries", overwrite=overwrite)
@@ -86,25 +77,18 @@ def run_dictionaries(dataset: Union[ImageSource, ArrayDataset], clusters: Where,
         queue.append((k, members if own_copy else ray.put(dataset.x[torch.as_tensor(members, dtype=torch.long)].contiguous())))
     dicts: Dict[int, np.ndarray] = {}
     infos: Dict[int, Dict] = {}
-    try:
-        pending = {}
-        for actor in actors:  # prime every actor, then hand the next cluster to whichever finishes
-            if queue:
-                k, ref = queue.pop(0)
-                pending[_learn(actor, own_copy).remote(k, ref, params)] = actor
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ready[0])
-            k, D, info = ray.get(ready[0])
-            info["class"] = int(cl["cluster_class"][k])
-            dicts[k], infos[k] = D, info
-            _log(verbose, f"dictionaries: cluster {k:3d} (class {info['class']}) {info['images']} images, "
-                          f"{info['patches']} patches, rel. error {info['relative_error']:.3f}, "
-                          f"{info['nonzeros_per_patch']:.1f} codes/patch, {info['wall_seconds']:.1f}s "
-                          f"[{len(dicts)}/{num_clusters}]")
-            if queue:
-                k, ref = queue.pop(0)
-                pending[_learn(actor, own_copy).remote(k, ref, params)] = actor
+    def learned(_item, value) -> None:
+        k, D, info = value
+        info["class"] = int(cl["cluster_class"][k])
+        dicts[k], infos[k] = D, info
+        _log(verbose, f"dictionaries: cluster {k:3d} (class {info['class']}) {info['images']} images, "
+                      f"{info['patches']} patches, rel. error {info['relative_error']:.3f}, "
+                      f"{info['nonzeros_per_patch']:.1f} codes/patch, {info['wall_seconds']:.1f}s "
+                      f"[{len(dicts)}/{num_clusters}]")
+
+    try:  # every actor gets a cluster, then the next cluster goes to whichever finishes first
+        run_pool(actors, queue, submit=lambda actor, item: _learn(actor, own_copy).remote(item[0], item[1], params),
+                 on_result=learned)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -117,6 +101,17 @@ def run_dictionaries(dataset: Union[ImageSource, ArrayDataset], clusters: Where,
             "timings": {"seconds": round(time.perf_counter() - t0, 3)}, "provenance": provenance(seed=params.seed)})
     _log(verbose, f"dictionaries: {num_clusters} dictionaries in {time.perf_counter() - t0:.1f}s -> {dest}")
     return manifest
+
+
+def _same_data(dataset, source: Dict[str, Any]) -> list:
+    """The images' shape, once `dataset` is checked to be the one the latents (`source`) were extracted from."""
+    info = describe_data(dataset)  # a source is described on a worker: the driver never loads its images
+    if source["reuse_key"].get("data_sha256") not in (None, info["data_sha256"]) or source["n"] != info["n"]:
+        raise ArtifactMismatchError(
+            f"the dataset given ({info['name']}, n={info['n']}) is not the one the latents in {source['dir']} "
+            f"came from ({source['reuse_key'].get('dataset')}, n={source['n']}); pass the same data "
+            "(same data.name, data.train_limit and semantic.extract_limit)")
+    return list(info["shape"])
 
 
 def _learn(actor, own_copy: bool):

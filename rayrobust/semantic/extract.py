@@ -36,9 +36,9 @@ from ..errors import ConfigError
 from ..io import provenance, write_json
 from ..location import Location, Where, as_location
 from ..progress import Bar, progress_enabled
-from .artifacts import MANIFEST, atomic_dir, check_reuse, dataset_sha256, module_sha256, read_manifest
+from .artifacts import MANIFEST, atomic_dir, check_reuse, module_sha256, read_manifest
 from .errors import LatentError
-from .source import ImageSource, describe
+from .source import ImageSource, describe_data
 
 FORMAT = "rayrobust-latents-v1"
 LATENTS_DIR = "latents"
@@ -220,17 +220,14 @@ def run_extract(
     """
     import ray
 
-    from ..raycluster import ensure_ray, resolve_use_gpu
+    from ..raycluster import ensure_ray
 
     if num_actors < 1 or batch_size < 1:
         raise ConfigError(f"num_actors={num_actors} and batch_size={batch_size} must both be >= 1")
     model, source = _resolve_source(model_or_checkpoint_path)
-    if isinstance(dataset, ImageSource):
-        info = describe(dataset)  # on a worker: n and content hash without loading the images here
-        n, name, shape, num_classes, data_sha = info["n"], info["name"], tuple(info["shape"]), info["num_classes"], info["data_sha256"]
-    else:
-        n, name, shape, num_classes = len(dataset), dataset.name, dataset.shape, dataset.num_classes
-        data_sha = dataset_sha256(dataset.x, dataset.y)
+    info = describe_data(dataset)
+    n, name, shape = info["n"], info["name"], tuple(info["shape"])
+    data_sha = info["data_sha256"]
     if n == 0:
         raise ConfigError(f"dataset {name!r} is empty; nothing to extract")
     key = {"source_sha256": source["sha256"], "dataset": name, "n": n, "data_sha256": data_sha}
@@ -241,29 +238,13 @@ def run_extract(
         return old
 
     ensure_ray()
-    use_gpu, gpus = resolve_use_gpu(use_gpu)
-    actors = min(num_actors, gpus) if use_gpu else num_actors
-    if isinstance(dataset, ImageSource) and dataset.stream and not use_gpu:
-        from ..raycluster import cluster_cpus
-
-        actors = max(1, min(actors, cluster_cpus() - 1))  # the Parquet/image read tasks need a CPU of their own
-    per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    plan = _plan(dataset, n, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu,
+                 rows_per_shard=rows_per_shard)
+    actors, per_actor, block_rows, use_gpu = plan["actors"], plan["per_actor"], plan["block_rows"], plan["use_gpu"]
     dim = int(getattr(model, "num_features", 0)) or extract_latents(model, torch.zeros(1, *shape), 1).shape[1]
-    rows_per_shard = rows_per_shard or max(256, min(65536, math.ceil(n / 8)))
-    block_rows = max(batch_size, min(4096, math.ceil(n / (4 * actors))))
-
-    import ray.data
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # Ray 2.60's DataContext warns about its own deprecated fields
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if isinstance(dataset, ImageSource) and dataset.stream:  # read by the workers, from Parquet/image files
-            ds = dataset.rows()
-        elif isinstance(dataset, ImageSource):  # only positions leave the driver; each actor loads the images
-            ds = ray.data.from_arrow([pa.table({"id": np.arange(s, min(s + block_rows, n), dtype=np.int64)})
-                                      for s in range(0, n, block_rows)])
-        else:
-            ds = ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
+    ds = _input_rows(dataset, n, block_rows)
     # Ray Data's own bars (rows/s, ETA) when interactive; this dataset's own copy of the context, not the global one
     ds.context.enable_progress_bars = progress_enabled()
     ds.context.wait_for_min_actors_s = 600  # start every pool actor before dispatching: the work is spread
@@ -281,26 +262,65 @@ def run_extract(
     with atomic_dir(dest) as tmp:
         # The workers write the Parquet files themselves, straight to the run's storage.
         # Write tasks take no CPU slot: they only move bytes, and the pool's actors may hold every CPU.
-        ds.write_parquet(tmp.uri, min_rows_per_file=rows_per_shard, ray_remote_args={"num_cpus": 0})
+        ds.write_parquet(tmp.uri, min_rows_per_file=plan["rows_per_shard"], ray_remote_args={"num_cpus": 0})
         seconds = time.perf_counter() - t0
-        shards, nodes, workers = _tally_remote(tmp)
-        total = sum(s["rows"] for s in shards)
-        if total != n:
-            raise LatentError(f"extraction produced {total} rows for {n} images; nothing was written")
-        manifest = {
-            "format": FORMAT, "reuse_key": key, "source": source, "dataset": name, "n": n, "dim": dim,
-            "image_shape": list(shape), "num_classes": num_classes,
-            "data": dataset.to_dict() if isinstance(dataset, ImageSource) else {"in_memory": True},
-            "columns": {"index": "int64", "label": "int64", "latent": f"fixed_size_list<float32>[{dim}]",
-                        "node": "string", "worker": "string"},
-            "shards": shards, "nodes": nodes, "workers": workers,
-            "compute": {"actors": actors, "per_actor": per_actor, "batch_size": batch_size, "block_rows": block_rows},
-            "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1)},
-            "provenance": provenance(),
-        }
+        manifest = _manifest(tmp, dataset, key=key, source=source, info=info, dim=dim, plan=plan,
+                             batch_size=batch_size, seconds=seconds)
         write_json(tmp / MANIFEST, manifest)
-    _log(verbose, f"latents: {n} x {dim} in {seconds:.1f}s ({n / seconds:.0f} images/s) on {len(nodes)} node(s)")
+    _log(verbose, f"latents: {n} x {dim} in {seconds:.1f}s ({n / seconds:.0f} images/s) on "
+                  f"{len(manifest['nodes'])} node(s)")
     return manifest
+
+
+def _plan(dataset, n: int, *, num_actors: int, batch_size: int, use_gpu: Optional[bool],
+          rows_per_shard: Optional[int]) -> Dict[str, Any]:
+    """How many actors (one GPU or one CPU each), rows per input block and per output file."""
+    from ..raycluster import cluster_cpus, resolve_use_gpu
+
+    use_gpu, gpus = resolve_use_gpu(use_gpu)
+    actors = min(num_actors, gpus) if use_gpu else num_actors
+    if isinstance(dataset, ImageSource) and dataset.stream and not use_gpu:
+        actors = max(1, min(actors, cluster_cpus() - 1))  # the Parquet/image read tasks need a CPU of their own
+    return {"use_gpu": use_gpu, "actors": actors, "per_actor": {"num_gpus": 1} if use_gpu else {"num_cpus": 1},
+            "rows_per_shard": rows_per_shard or max(256, min(65536, math.ceil(n / 8))),
+            "block_rows": max(batch_size, min(4096, math.ceil(n / (4 * actors))))}
+
+
+def _input_rows(dataset, n: int, block_rows: int):
+    """The Ray Dataset the extractor actors consume: file rows read by the workers (a streamed source), image
+    positions (a source each actor loads itself), or the images themselves (an in-memory dataset)."""
+    import ray.data
+
+    with warnings.catch_warnings():  # Ray 2.60's DataContext warns about its own deprecated fields
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if isinstance(dataset, ImageSource) and dataset.stream:  # read by the workers, from Parquet/image files
+            return dataset.rows()
+        if isinstance(dataset, ImageSource):  # only positions leave the driver; each actor loads the images
+            return ray.data.from_arrow([pa.table({"id": np.arange(s, min(s + block_rows, n), dtype=np.int64)})
+                                        for s in range(0, n, block_rows)])
+        return ray.data.from_arrow(_image_blocks(dataset.x, dataset.y, block_rows))
+
+
+def _manifest(tmp: Location, dataset, *, key, source, info, dim: int, plan, batch_size: int,
+              seconds: float) -> Dict[str, Any]:
+    """The latents' manifest, from the Parquet files the workers wrote (their row count checked against n)."""
+    n = info["n"]
+    shards, nodes, workers = _tally_remote(tmp)
+    total = sum(s["rows"] for s in shards)
+    if total != n:
+        raise LatentError(f"extraction produced {total} rows for {n} images; nothing was written")
+    return {
+        "format": FORMAT, "reuse_key": key, "source": source, "dataset": info["name"], "n": n, "dim": dim,
+        "image_shape": list(info["shape"]), "num_classes": info["num_classes"],
+        "data": dataset.to_dict() if isinstance(dataset, ImageSource) else {"in_memory": True},
+        "columns": {"index": "int64", "label": "int64", "latent": f"fixed_size_list<float32>[{dim}]",
+                    "node": "string", "worker": "string"},
+        "shards": shards, "nodes": nodes, "workers": workers,
+        "compute": {"actors": plan["actors"], "per_actor": plan["per_actor"], "batch_size": batch_size,
+                    "block_rows": plan["block_rows"]},
+        "timings": {"seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 1)},
+        "provenance": provenance(),
+    }
 
 
 def _tally_remote(directory: Location) -> Tuple[list, Dict[str, int], Dict[str, int]]:

@@ -87,3 +87,14 @@ def describe(source: ImageSource) -> Dict[str, Any]:
         return {"n": n, "data_sha256": hashlib.sha256(identity.encode()).hexdigest(), "shape": list(info["shape"]),
                 "num_classes": info["num_classes"], "name": info["name"], "scale": info["scale"]}
     return ray.get(ray.remote(num_cpus=1, max_retries=0)(_describe_here).remote(source))
+
+
+def describe_data(dataset: Any) -> Dict[str, Any]:
+    """{"n", "name", "shape", "num_classes", "data_sha256"} of an ImageSource (computed on a Ray worker, plus
+    what `describe` adds) or of an in-memory ArrayDataset; a source's images are never loaded here."""
+    if isinstance(dataset, ImageSource):
+        return describe(dataset)
+    from .artifacts import dataset_sha256
+
+    return {"n": len(dataset), "name": dataset.name, "shape": list(dataset.shape), "num_classes": dataset.num_classes,
+            "data_sha256": dataset_sha256(dataset.x, dataset.y)}
