@@ -99,136 +99,186 @@ def _report_checkpoint(metrics: Dict[str, Any], payload: Dict[str, Any], epoch: 
 
 
 def _worker_loop(loop_config: Dict[str, Any]) -> None:
+    """One Ray Train worker: set up, build (or resume) the run, then train, validate and checkpoint each epoch."""
+    import ray.train.torch
+
+    from .loop import validate
+
+    w = _worker_setup(loop_config)
+    method, model, optimizer = _build_run(w, loop_config.get("init"))
+    history, start_epoch = _resume(w, model, optimizer, method)
+
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
+    if w.tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    w.amp_dtype = torch.bfloat16 if w.tc.amp and w.device.type == "cuda" else None
+    bare = getattr(model, "module", model)
+    for epoch in range(start_epoch, w.tc.epochs):
+        _record_worker(w.run_dir, w.rank, w.nodes[w.rank] if len(w.nodes) == w.world else w.nodes[-1], epoch + 1,
+                       start_epoch)
+        if epoch == start_epoch:  # later epochs were prepared at the end of the previous one (below)
+            method.begin_epoch(bare, w.data.x_train, w.data.y_train, epoch, w.device)
+        torch.manual_seed(w.tc.seed * 1_000 + epoch * 10 + w.rank)  # attack random starts replay on resume
+        t0 = time.perf_counter()
+        stats = _train_one_epoch(w, model, method, optimizer, epoch)
+        # Prepare the next epoch from these weights (those it starts from) before validation and the
+        # checkpoint, so the checkpoint's method_state (ClusTR's clusters) matches its weights.
+        method.begin_epoch(bare, w.data.x_train, w.data.y_train, epoch + 1, w.device)
+        metrics = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
+        if w.rank == 0 and len(w.data.x_val):
+            metrics.update(validate(method.decision(bare), w.data.x_val.to(w.device), w.data.y_val.to(w.device),
+                                    eps=w.tc.eps, pgd_steps=w.tc.val_pgd_steps, seed=w.tc.seed, norm=w.tc.norm))
+        metrics["seconds"] = time.perf_counter() - t0
+        _checkpoint_epoch(w, bare, optimizer, method, history, metrics)
+
+
+class _Worker:
+    """What one Ray Train worker knows about its run (built by `_worker_setup`)."""
+
+
+def _worker_setup(loop_config: Dict[str, Any]) -> "_Worker":
+    """This rank's config, device, peers' nodes, data (in memory or a streamed plan), augmentation and schedule."""
     import os
 
     import ray
     import ray.train
-    import ray.train.torch
 
-    from ..data import load_dataset
-    from ..methods import create_method, method_kwargs
-    from ..models import create_model
-    from .devices import bind_device, worker_device
     from ..config import check_budget, resolve_augment
     from .augment import Augment
-    from .loop import (Schedule, Split, make_optimizer, stream_batches, train_epoch, train_epoch_stream,
-                       train_val_split, validate)
-    from .stream import check_streamable, load_validation
+    from .devices import bind_device, worker_device
+    from .loop import Schedule
 
-    cfg = config_from_dict(loop_config["config"])
-    run_dir = Location(loop_config["run_dir"])
-    tc = cfg.train
+    w = _Worker()
+    w.cfg = cfg = config_from_dict(loop_config["config"])
+    w.run_dir = Location(loop_config["run_dir"])
+    w.tc = tc = cfg.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    w.rank, w.world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.cpus_per_worker)
     # This rank's own GPU (the rule of ray.train.torch.get_device()), made the current CUDA device so kernels,
     # NCCL and CUDA generators do not default to cuda:0; the CPU when Ray assigned no GPU.
-    device = bind_device(worker_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                       device_count=torch.cuda.device_count()))
-    nodes = _worker_nodes(world, device)  # node id of every rank, for provenance
-    log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if rank == 0 else None
-    progress = bool(loop_config.get("progress")) and rank == 0  # the driver's terminal draws rank 0's bar
+    w.device = bind_device(worker_device(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                         device_count=torch.cuda.device_count()))
+    w.nodes = _worker_nodes(w.world, w.device)  # node id of every rank, for provenance
+    w.log = (lambda msg: print(f"[{tc.method}] {msg}", flush=True)) if w.rank == 0 else None
+    w.progress = bool(loop_config.get("progress")) and w.rank == 0  # the driver's terminal draws rank 0's bar
+    w.plan = loop_config.get("stream")  # streamed (rayrobust.train.stream): images come from the "train" shard
+    w.ds, w.data = _worker_data(cfg, w.plan, w.rank)
+    check_budget("train.eps", tc.eps, tc.norm, w.ds.shape)  # an L2 budget no longer than the input's diameter
+    w.augment = Augment(pad=cfg.data.augment_pad, padding=cfg.data.augment_padding) \
+        if resolve_augment(cfg.data.augment, w.ds.shape) else None
+    w.schedule = Schedule(tc.lr_schedule, tuple(tc.lr_milestones), tc.lr_decay)
+    if w.log:
+        w.log(f"augmentation: {w.augment.describe() if w.augment else 'none'}; lr schedule: {tc.lr_schedule}; "
+              f"train {tc.norm} eps={tc.eps:g}")
+    return w
 
-    plan = loop_config.get("stream")  # streamed (rayrobust.train.stream): images come from the "train" dataset shard
+
+def _worker_data(cfg, plan: Optional[Dict[str, Any]], rank: int):
+    """(dataset description, train/validation split): the images themselves, or for a streamed run only the
+    validation images (rank 0) and the description the plan carries."""
+    from ..data import load_dataset
+    from .loop import Split, train_val_split
+    from .stream import load_validation
+
     if plan is None:
-        ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download, limit=cfg.data.train_limit)
-        data = train_val_split(ds.x, ds.y, cfg.data.val_size, seed=tc.seed)
-    else:
-        from types import SimpleNamespace
+        ds = load_dataset(cfg.data.name, "train", root=cfg.data.root, download=cfg.data.download,
+                          limit=cfg.data.train_limit)
+        return ds, train_val_split(ds.x, ds.y, cfg.data.val_size, seed=cfg.train.seed)
+    from types import SimpleNamespace
 
-        ds = SimpleNamespace(shape=tuple(plan["shape"]), num_classes=plan["num_classes"], mean=tuple(plan["mean"]),
-                             std=tuple(plan["std"]))
-        x_val, y_val = load_validation(plan) if rank == 0 else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-        data = Split(None, None, x_val, y_val)
-    check_budget("train.eps", tc.eps, tc.norm, ds.shape)  # an L2 budget no longer than the input's diameter
-    augment = Augment(pad=cfg.data.augment_pad, padding=cfg.data.augment_padding) \
-        if resolve_augment(cfg.data.augment, ds.shape) else None
-    schedule = Schedule(tc.lr_schedule, tuple(tc.lr_milestones), tc.lr_decay)
-    if log:
-        log(f"augmentation: {augment.describe() if augment else 'none'}; lr schedule: {tc.lr_schedule}; "
-            f"train {tc.norm} eps={tc.eps:g}")
+    ds = SimpleNamespace(shape=tuple(plan["shape"]), num_classes=plan["num_classes"], mean=tuple(plan["mean"]),
+                         std=tuple(plan["std"]))
+    x_val, y_val = load_validation(plan) if rank == 0 else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    return ds, Split(None, None, x_val, y_val)
+
+
+def _build_run(w: "_Worker", init: Optional[Dict[str, Any]]):
+    """(method, model, optimizer) of a fresh run: the method prepared on the data (and given the driver's
+    `prepare_run` state), the model seeded by train.seed (or the driver's initial weights)."""
+    from ..methods import create_method, method_kwargs
+    from ..models import create_model
+    from .loop import make_optimizer
+    from .stream import check_streamable
+
+    tc, ds = w.tc, w.ds
     # Every TrainConfig field reaches the method; it uses what it needs. No global RNG is drawn here.
     method = create_method(tc.method, num_classes=ds.num_classes, **method_kwargs(tc))
-    if plan is not None:
+    if w.plan is not None:
         check_streamable(method, tc.method)
     out_dim = method.output_dim(ds.num_classes)  # DRP: the prototype dimension
-    method.fit(data.x_train, data.y_train)  # data-level preparation (SPAT's weight map), deterministic
-    init = loop_config.get("init")  # prepared on the driver by the method's `prepare_run` (srd), or None
-    if init and init.get("method_state"):
+    method.fit(w.data.x_train, w.data.y_train)  # data-level preparation (SPAT's weight map), deterministic
+    if init and init.get("method_state"):  # prepared on the driver by the method's `prepare_run` (srd)
         method.load_state_dict(init["method_state"])
     torch.manual_seed(tc.seed)  # the initial weights: runs with the same seed are the same run
-    model = create_model(cfg.model.name, num_classes=out_dim, in_channels=ds.shape[0],
+    model = create_model(w.cfg.model.name, num_classes=out_dim, in_channels=ds.shape[0],
                          input_size=ds.shape[1], mean=ds.mean, std=ds.std)
     if init and init.get("model") is not None:  # initial weights from another checkpoint (srd: the source model)
         model.load_state_dict(init["model"])
-    optimizer = make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay, nesterov=tc.nesterov)
-    history: List[Dict[str, Any]] = []
-    start_epoch = 0
-    payload = _resume_payload(run_dir, log)
-    if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        if payload.get("method_state"):
-            method.load_state_dict(payload["method_state"])
-        history, start_epoch = list(payload["history"]), int(payload["epoch"])
-        if log:
-            log(f"resuming from {checkpoint_name(start_epoch)} (epoch {start_epoch}/{tc.epochs})")
-    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world > 1
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if tc.amp and device.type == "cuda" else None
-    bare = getattr(model, "module", model)
     # num_classes: the model's output width (what rebuilds it); num_labels: the dataset's classes
-    meta = {"name": cfg.model.name, "num_classes": out_dim, "num_labels": ds.num_classes, "in_channels": ds.shape[0],
-            "input_size": ds.shape[1], "mean": list(ds.mean), "std": list(ds.std)}
+    w.meta = {"name": w.cfg.model.name, "num_classes": out_dim, "num_labels": ds.num_classes,
+              "in_channels": ds.shape[0], "input_size": ds.shape[1], "mean": list(ds.mean), "std": list(ds.std)}
+    return method, model, make_optimizer(model, tc.lr, tc.momentum, tc.weight_decay, nesterov=tc.nesterov)
 
-    for epoch in range(start_epoch, tc.epochs):
-        _record_worker(run_dir, rank, nodes[rank] if len(nodes) == world else nodes[-1], epoch + 1, start_epoch)
-        if epoch == start_epoch:  # later epochs were prepared at the end of the previous one (below)
-            method.begin_epoch(bare, data.x_train, data.y_train, epoch, device)
-        torch.manual_seed(tc.seed * 1_000 + epoch * 10 + rank)  # attack random starts replay on resume
-        t0 = time.perf_counter()
-        if plan is None:
-            stats = train_epoch(
-                model, method, optimizer, data, epoch=epoch, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                seed=tc.seed, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
-                channels_last=tc.channels_last, log=log, progress=progress, augment=augment, schedule=schedule,
-            )
-        else:
-            batches = stream_batches(ray.train.get_dataset_shard("train"), tc.batch_size, epoch=epoch, seed=tc.seed,
-                                     world=world)
-            stats = train_epoch_stream(
-                model, method, optimizer, batches, epoch=epoch, epochs=tc.epochs, steps=plan["steps"],
-                batch_size=tc.batch_size, lr=tc.lr, scale=plan["scale"], device=device, amp_dtype=amp_dtype,
-                channels_last=tc.channels_last, log=log, progress=progress, augment=augment, schedule=schedule,
-                seed=tc.seed, rank=rank,
-            )
-        # Prepare the next epoch from these weights (those it starts from) before validation and the
-        # checkpoint, so the checkpoint's method_state (ClusTR's clusters) matches its weights.
-        method.begin_epoch(bare, data.x_train, data.y_train, epoch + 1, device)
-        metrics = {"epoch": epoch + 1, **stats, "lr": optimizer.param_groups[0]["lr"]}
-        if rank == 0 and len(data.x_val):
-            metrics.update(validate(method.decision(bare), data.x_val.to(device), data.y_val.to(device), eps=tc.eps,
-                                    pgd_steps=tc.val_pgd_steps, seed=tc.seed, norm=tc.norm))
-        metrics["seconds"] = time.perf_counter() - t0
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if rank == 0:
-            history.append(metrics)
-            write_jsonl(run_dir / "metrics.jsonl", history)
-            log(_epoch_line(metrics, tc.epochs))
-            _report_checkpoint(scalars, {
-                "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "config": cfg.to_dict(),
-                "model_meta": meta,
-                "method_state": {k: v.detach().cpu() for k, v in method.state_dict().items()},
-                "provenance": provenance(seed=tc.seed, world_size=world, device=str(device), worker_nodes=nodes,
-                                         augment=augment.describe() if augment else "none"),
-            }, epoch + 1)
-        else:
-            ray.train.report(scalars)  # every rank reports each epoch (a barrier); rank 0 brings the checkpoint
+
+def _resume(w: "_Worker", model, optimizer, method) -> tuple:
+    """(history, first epoch to train): the latest checkpoint's weights, optimizer and method state when the run
+    has one, else ([], 0)."""
+    payload = _resume_payload(w.run_dir, w.log)
+    if payload is None:
+        return [], 0
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if payload.get("method_state"):
+        method.load_state_dict(payload["method_state"])
+    start_epoch = int(payload["epoch"])
+    if w.log:
+        w.log(f"resuming from {checkpoint_name(start_epoch)} (epoch {start_epoch}/{w.tc.epochs})")
+    return list(payload["history"]), start_epoch
+
+
+def _train_one_epoch(w: "_Worker", model, method, optimizer, epoch: int) -> Dict[str, Any]:
+    """One epoch over this rank's batches: from memory, or from its Ray Data shard when streamed."""
+    import ray.train
+
+    from .loop import stream_batches, train_epoch, train_epoch_stream
+
+    tc = w.tc
+    common = {"epochs": tc.epochs, "batch_size": tc.batch_size, "lr": tc.lr, "device": w.device,
+              "amp_dtype": w.amp_dtype, "channels_last": tc.channels_last, "log": w.log, "progress": w.progress,
+              "augment": w.augment, "schedule": w.schedule, "seed": tc.seed, "rank": w.rank}
+    if w.plan is None:
+        return train_epoch(model, method, optimizer, w.data, epoch=epoch, world=w.world, **common)
+    batches = stream_batches(ray.train.get_dataset_shard("train"), tc.batch_size, epoch=epoch, seed=tc.seed,
+                             world=w.world)
+    return train_epoch_stream(model, method, optimizer, batches, epoch=epoch, steps=w.plan["steps"],
+                              scale=w.plan["scale"], **common)
+
+
+def _checkpoint_epoch(w: "_Worker", bare, optimizer, method, history: List[Dict[str, Any]],
+                      metrics: Dict[str, Any]) -> None:
+    """Rank 0: append the metrics, write metrics.jsonl, report the epoch's checkpoint; other ranks: report the
+    scalars (every rank reports each epoch: a barrier)."""
+    import ray.train
+
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if w.rank != 0:
+        ray.train.report(scalars)
+        return
+    history.append(metrics)
+    write_jsonl(w.run_dir / "metrics.jsonl", history)
+    w.log(_epoch_line(metrics, w.tc.epochs))
+    _report_checkpoint(scalars, {
+        "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": metrics["epoch"],
+        "history": history,
+        "config": w.cfg.to_dict(),
+        "model_meta": w.meta,
+        "method_state": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+        "provenance": provenance(seed=w.tc.seed, world_size=w.world, device=str(w.device), worker_nodes=w.nodes,
+                                 augment=w.augment.describe() if w.augment else "none"),
+    }, metrics["epoch"])
 
 
 def _worker_nodes(world: int, device: torch.device) -> List[Optional[str]]:
