@@ -242,3 +242,13 @@ def srd_pipeline(ray_cluster, tmp_path_factory):
         return cfg, run_pipeline(cfg)
     finally:
         torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray (through the shared cluster fixtures) carries the `ray` mark, so
+    `-m "not ray"` is a Ray-free run."""
+    ray_fixtures = {"ray_cluster", "srd_pipeline"}
+    unmarked = [item.nodeid for item in items
+                if ray_fixtures & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that start Ray need @pytest.mark.ray: {', '.join(unmarked)}")

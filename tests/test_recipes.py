@@ -179,6 +179,7 @@ def test_benchmark_called_as_robustbench_readme_matches_evaluate(digits_model, t
 
 
 # --- Ray Train runs -------------------------------------------------------------------------------------------
+@pytest.mark.ray
 @pytest.mark.extended
 def test_l2_pgd_at_on_digits_beats_standard_under_l2_autoattack(ray_cluster, tmp_path):
     from rayrobust.evaluation import evaluate_checkpoint
@@ -220,6 +221,7 @@ def _write_tiny_cifar10(root: Path, n_train: int = 200, n_test: int = 20) -> Non
                                      "ship", "truck"]}, f, protocol=2)
 
 
+@pytest.mark.ray
 @pytest.mark.extended
 def test_cifar10_recipe_on_tiny_files_trains_augmented_and_resumes_exactly(ray_cluster, tmp_path):
     """configs/cifar10.yaml on tiny CIFAR-format files (CIFAR-10 cannot be downloaded here): augmentation on,
