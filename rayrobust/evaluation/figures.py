@@ -9,8 +9,8 @@ measured, not illustrated:
   APGD-T stage, so that point is read from it instead of being attacked again. A randomized model (AutoAttack's
   "rand" version) gets APGD-CE + APGD-DLR with EOT at every eps. These are upper bounds on robust accuracy that
   are weaker than full AutoAttack at eps/2, 3eps/2 and 2eps; the report says so.
-- `gallery`: up to k images that AutoAttack broke, each attacked again by the attack that broke it in the main
-  run (one batch per attack, seed `seed`), with the clean and adversarial predictions the model gives. Images are
+- `gallery`: up to k images that AutoAttack broke (those its earlier attacks broke first), each attacked again
+  by the attack that broke it in the main run (one batch per attack, seed `seed`), with the clean and adversarial predictions the model gives. Images are
   stored as base64 uint8 (C, H, W), the perturbation scaled to [0, 255] with 128 = no change.
 """
 from __future__ import annotations
@@ -99,12 +99,15 @@ def _u8(t: torch.Tensor) -> str:
 def gallery(model: nn.Module, x: torch.Tensor, y: torch.Tensor, broken_by: Sequence[Optional[str]], *, eps: float,
             norm: str = "Linf", version: str = "standard", seed: int = 0, k: int = 8,
             class_names: Sequence[str] = ()) -> Dict[str, Any]:
-    """Up to `k` of AutoAttack's adversarial examples: the first images an attack broke in the main run, each
-    attacked again (with `seed`) by that attack alone. Returns {"attack", "eps", "norm", "examples": [...]};
+    """Up to `k` of AutoAttack's adversarial examples: images an attack broke in the main run (APGD-CE's first,
+    then the next attack's, ...), each attacked again (with `seed`) by that attack alone. Returns {"attack", "eps", "norm", "examples": [...]};
     an example whose attack does not find it again is kept with "found": false and its clean image."""
     t0 = time.perf_counter()
     attacks = attacks_for(version)
-    picked = [i for i, b in enumerate(broken_by) if b not in (None, "clean")][:k]
+    # the first k broken images, those broken by an earlier (cheaper to rerun) attack first
+    order = {name: j for j, name in enumerate(attacks)}
+    picked = sorted((i for i, b in enumerate(broken_by) if b not in (None, "clean")),
+                    key=lambda i: (order.get(broken_by[i], len(order)), i))[:k]
     by_attack: Dict[str, List[int]] = {}
     for i in picked:
         by_attack.setdefault(broken_by[i], []).append(i)

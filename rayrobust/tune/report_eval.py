@@ -14,6 +14,8 @@ import html
 import io
 from typing import Any, Dict, List, Optional
 
+from .report import _figure, _fmt, _plt, _svg  # the report's own formatting and plotting helpers
+
 # What a raised flag means and what to do (docs/evaluation.md, "Reading a flag").
 CHECK_MEANINGS = {
     "robust_above_clean": "An attack left more examples correct than no attack: an attack or evaluation bug, or a "
@@ -41,30 +43,6 @@ CHECK_MEANINGS = {
     "pgd_ce_above_apgd": "(search) PGD on cross-entropy beats APGD by more than tune.masking_gap: the trial is "
                          "excluded from selection.",
 }
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return html.escape(str(v))
-
-
-def _plt():
-    from .report import _plt as plt
-
-    return plt()
-
-
-def _svg(fig) -> str:
-    from .report import _svg as svg
-
-    return svg(fig)
-
-
-def _figure(fig_id: str, svg: str, caption: str) -> str:
-    return f'<figure id="{fig_id}">{svg}<figcaption class="note">{html.escape(caption)}</figcaption></figure>'
 
 
 # ----------------------------------------------------------------------------------- numbers
