@@ -16,6 +16,7 @@ pytestmark = pytest.mark.ray
 EPS = 0.1
 
 
+@pytest.mark.extended  # the reference-agreement test (default tier) checks the per-attack chain on the sharded path
 def test_evaluate_accepts_any_module_and_reports_per_attack(ray_cluster, digits_model, digits):
     _, test = digits
 
