@@ -154,7 +154,7 @@ def _attack_target(attacked: nn.Module, target: str, xa: torch.Tensor, ya: torch
 def _autoattack_part(model: nn.Module, xa: torch.Tensor, ya: torch.Tensor, result: Dict[str, Any], *, version: str,
                      probe: torch.Tensor, **settings) -> list:
     """AutoAttack on (xa, ya) after the two checks that decide how it runs; fills result["autoattack*"] and
-    result["_attacked"] (what the report's figures attack); returns the flags it raised."""
+    returns (the flags it raised, the target the reported number came from, its per-image outcomes)."""
     before = check_before_autoattack(model, probe)
     randomized, probabilities = (not f.passed for f in before)
     aa_version = "rand" if randomized else version  # a random model is attacked with EOT
@@ -180,14 +180,14 @@ def _autoattack_part(model: nn.Module, xa: torch.Tensor, ya: torch.Tensor, resul
         result["autoattack"]["version_requested"] = version
     if len(runs) > 1:  # probabilities: attacked on the outputs and on their log, the lower one reported
         result["autoattack"]["by_target"] = {t: {"robust": s["robust"], "per_attack": s} for t, _, s in runs}
-    result["_attacked"] = (dict(targets)[target], aa["broken_by"])
     if settings["verbose"]:
         print(f"  [{settings['label']}] {attack} {summary['robust']:.4f} on n={len(xa)} "
               f"({result['autoattack']['seconds']:.1f}s)", file=sys.stderr, flush=True)
     # AutoAttack's own tolerance (0.002), but never below one example: one point Square breaks
     # out of a few hundred is noise, two or more is a signal.
-    return before + [check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}),
+    flags = before + [check_robust_le_clean(summary["clean"], {"autoattack": summary["robust"]}),
                      check_square_vs_whitebox(summary, tol=max(0.002, 1.0 / len(xa)))]
+    return flags, dict(targets)[target], aa["broken_by"]
 
 
 def evaluate(
@@ -251,10 +251,12 @@ def evaluate(
         settings = {"eps": eps, "norm": norm, "seed": seed, "chunk_size": chunk_size, "num_shards": num_shards,
                     "backend": backend, "label": label, "verbose": verbose, "resume_dir": resume_dir,
                     "resume_identity": resume_identity}
-        flags += _autoattack_part(model, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), result, version=version,
-                                  probe=x[:min(n_autoattack, batch_size)], **settings)
+        xa, ya = x[:n_autoattack].cpu(), y[:n_autoattack].cpu()
+        aa_flags, attacked, broken_by = _autoattack_part(model, xa, ya, result, version=version,
+                                                         probe=x[:min(n_autoattack, batch_size)], **settings)
+        flags += aa_flags
         model.to(device)
-        _add_figures(result, x[:n_autoattack].cpu(), y[:n_autoattack].cpu(), eps_curve=eps_curve,
+        _add_figures(result, attacked, broken_by, xa, ya, eps_curve=eps_curve,
                      eps_curve_n=eps_curve_n, gallery=gallery,
                      class_names=class_names, **{k: settings[k] for k in ("eps", "norm", "seed", "chunk_size", "backend",
                                                                           "label", "verbose")})
@@ -274,13 +276,12 @@ def evaluate(
     return result
 
 
-def _add_figures(result, xa, ya, *, eps, norm, seed, chunk_size, eps_curve, eps_curve_n, gallery, class_names,
+def _add_figures(result, attacked, broken_by, xa, ya, *, eps, norm, seed, chunk_size, eps_curve, eps_curve_n, gallery, class_names,
                  backend, label, verbose) -> None:
     """result["eps_curve"] and result["gallery"] (the report's robust-vs-eps curve and adversarial examples), on the
     target AutoAttack's reported number came from."""
     from . import figures
 
-    attacked, broken_by = result.pop("_attacked")
     version = result["autoattack"]["version"]
     if eps_curve:
         n_c = figures.curve_images(len(xa), chunk_size, eps_curve_n)
