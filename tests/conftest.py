@@ -95,8 +95,7 @@ def ray_cluster(s3_server):
     import ray
 
     if not ray.is_initialized():
-        # With the dashboard: Ray Train's placement-group cleaner asks the state API whether a trainer's
-        # controller died, and frees its CPUs when it did (a trial stopped early by ASHA leaves one behind).
+        # With the dashboard, as rayrobust's own local clusters start it.
         ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()

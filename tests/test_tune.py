@@ -51,9 +51,7 @@ def search(ray_cluster, tmp_path_factory):
     """One real search: 4 trials of {saturated, pgd_at} x train_eps, 2 at a time, final AutoAttack (seed 0
     samples pgd_at, saturated, pgd_at, pgd_at).
 
-    Without ASHA: a trial ASHA stops leaves its Train placement group to Ray Train's cleaner, which
-    needs the Ray state API; on the shared test cluster that API is not always reachable, and the
-    leaked CPUs would stall the remaining trials."""
+    Without ASHA, so that every trial trains all its epochs (ASHA's stopping is tested on its own below)."""
     from rayrobust.tune.search import max_concurrent, run_tune
 
     run_dir = tmp_path_factory.mktemp("tune") / "run"
@@ -235,6 +233,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.extended
 def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster, s3_server):
     """run_dir=s3://...: the Tune experiment, the Optuna journal, every trial's checkpoints and gradings and
     the summaries live in the bucket; `report` and `--resume` work on the URI from the bucket alone."""
@@ -291,6 +290,54 @@ def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster,
         assert again[key] == s[key], key
     assert {k: c.head_object(Bucket="rr-tune", Key=k)["ETag"] for k in stamps} == stamps  # no trial ran again
     assert len(study_from_bucket().get_trials()) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_trials_which_free_their_workers(ray_cluster, s3_server):
+    """ASHA on (the default), the run in object storage: 6 trials of {saturated, pgd_at}, 6 epochs each, rungs at
+    epochs 1, 2 and 4. The flagged saturated trials score 0 and weak pgd_at ones fall below a rung's median: Tune
+    stops them. A stopped trial's workers see its stop file in the bucket at their next epoch boundary and its
+    Ray Train run finishes normally (train.json written, fewer checkpoints than planned), and the cluster's
+    CPUs are all free again within 30 s."""
+    import ray
+
+    from rayrobust.location import Location
+    from rayrobust.tune.search import STOP_FILE, run_tune
+
+    total = ray.cluster_resources().get("CPU")
+    run = Location(f"{s3_server.make_bucket('rr-asha')}/runs/search")
+    cfg = config_from_dict(_raw(run.uri, {
+        "space": {"method": {"choices": ["saturated", "pgd_at"]}, "train_eps": {"low": 0.5, "high": 1.5}},
+        "num_samples": 6, "val_n": 32, "final_top_k": 1, "seed": 1, "asha": True, "grace_period": 1,
+        "reduction_factor": 2}, train={"epochs": 6, "attack_steps": 5},
+        eval={"n_eval": 50, "n_autoattack": 10, "chunk_size": 10, "batch_size": 50, "checks": False,
+              "eps_curve": False}))
+    t0 = time.perf_counter()
+    s = run_tune(cfg)
+    print(f"ASHA search of 6 trials: {time.perf_counter() - t0:.1f}s")
+    trials = s["trials"]
+    assert len(trials) == 6 and all(t["status"] == "TERMINATED" for t in trials)
+    print("epochs graded per trial:", sorted((t["method"], t["epoch"]) for t in trials))
+    stopped = [t for t in trials if t["epoch"] < t["epochs_planned"]]
+    assert len(stopped) >= 2
+    ended_early = 0
+    for t in stopped:  # a trial whose training had already finished when Tune stopped it has nothing to stop
+        tdir = run / "trials" / t["trial_id"]
+        if (tdir / STOP_FILE).exists():
+            assert json.loads((tdir / STOP_FILE).read_text())["after_epoch"] == t["epoch"]
+            train = json.loads((tdir / "train.json").read_text())  # the Train run returned instead of being killed
+            ended_early += train["epochs"] < t["epochs_planned"]
+            print(f"trial {t['trial_id']} ({t['method']}): stopped after {t['epoch']} graded epoch(s), "
+                  f"trained {train['epochs']} of {t['epochs_planned']}")
+    assert ended_early >= 1  # at least one stop reached its workers mid-run
+    for t in trials:
+        if t["epoch"] == t["epochs_planned"]:
+            assert not (run / "trials" / t["trial_id"] / STOP_FILE).exists()
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == total, (ray.available_resources(), total)
 
 
 def test_bad_run_locations_are_one_line_errors_and_write_nothing(s3_server, tmp_path, capsys):

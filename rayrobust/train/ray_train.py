@@ -114,6 +114,10 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     w.amp_dtype = torch.bfloat16 if w.tc.amp and w.device.type == "cuda" else None
     bare = getattr(model, "module", model)
     for epoch in range(start_epoch, w.tc.epochs):
+        if _stop_requested(w):
+            if w.log:
+                w.log(f"stop requested ({w.stop.uri}): ending after {epoch} of {w.tc.epochs} epoch(s)")
+            return
         _record_worker(w.run_dir, w.rank, w.nodes[w.rank] if len(w.nodes) == w.world else w.nodes[-1], epoch + 1,
                        start_epoch)
         if epoch == start_epoch:  # later epochs were prepared at the end of the previous one (below)
@@ -130,6 +134,21 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
                                     eps=w.tc.eps, pgd_steps=w.tc.val_pgd_steps, seed=w.tc.seed, norm=w.tc.norm))
         metrics["seconds"] = time.perf_counter() - t0
         _checkpoint_epoch(w, bare, optimizer, method, history, metrics)
+
+
+def _stop_requested(w: "_Worker") -> bool:
+    """Whether the run was asked to end (its stop file exists), agreed by every rank at the same epoch
+    boundary: ranks that read the file at different moments must not part ways before a collective."""
+    if w.stop is None:
+        return False
+    flag = w.stop.exists()
+    import torch.distributed as dist
+
+    if w.world > 1 and dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0], device=w.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = bool(t.item() > 0)
+    return flag
 
 
 class _Worker:
@@ -151,6 +170,7 @@ def _worker_setup(loop_config: Dict[str, Any]) -> "_Worker":
     w = _Worker()
     w.cfg = cfg = config_from_dict(loop_config["config"])
     w.run_dir = Location(loop_config["run_dir"])
+    w.stop = Location(loop_config["stop"]) if loop_config.get("stop") else None
     w.tc = tc = cfg.train
     ctx = ray.train.get_context()
     w.rank, w.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -313,10 +333,13 @@ def _epoch_line(m: Dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optional[str] = None) -> TrainResult:
+def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optional[str] = None,
+        stop: Optional[Where] = None) -> TrainResult:
     """Train `method` (default cfg.train.method) on Ray Train in `run_dir` (default: the method's directory
     of the config's run, `<run_dir>/<method>`; a local path or a storage URI); continue the run there if
-    one is."""
+    one is. `stop`: a file (local or storage URI) whose appearance ends the run at the next epoch boundary:
+    the workers return, Ray Train shuts its worker group down and removes its placement group, and this
+    call returns with the epochs done so far (how a Tune trial that ASHA stops frees its resources)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -351,7 +374,7 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init, "stream": plan,
-                               "progress": progress_enabled()},
+                               "progress": progress_enabled(), "stop": as_location(stop).uri if stop else None},
             datasets=datasets, dataset_config=dataset_config,
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),

@@ -9,7 +9,8 @@ file://...; every file below is written atomically through `rayrobust.location`)
     tune/                   the Tune experiment (RunConfig(storage_path=<run_dir>, name="tune"): experiment
                             state, per-trial TensorBoard logs): `tensorboard --logdir <run_dir>/tune`
     trials/<trial_id>/      one Ray Train run per trial: checkpoints/epoch_NNN/, metrics.jsonl, params.json,
-                            val/epoch_NNN.json (the per-epoch grading), final_eval.json (if selected)
+                            val/epoch_NNN.json (the per-epoch grading), final_eval.json (if selected),
+                            stop.json (if Tune stopped the trial early: after which graded epoch)
     tune_summary.json       every trial, the Pareto front, the final AutoAttack table
     summary.json            the same rows in the `rayrobust pipeline` summary format
 
@@ -21,10 +22,13 @@ experiment checkpoint (`StudyStorage`, `StudySync`), and `--resume` downloads it
 instead, named `rayrobust:<run_dir>`.
 
 Design (our choices, stated):
-- A trial is a function trainable holding no CPU (`tune.with_resources(..., {"CPU": 0, "memory": 1})`): it
+- A trial (`Trial`, a class trainable) holds no CPU (`tune.with_resources(..., {"CPU": 0, "memory": 1})`): it
   starts `rayrobust.train.fit` (a Ray Train V2 `TorchTrainer`, whose workers hold the CPUs/GPUs) in
-  a background thread and grades every epoch checkpoint as it appears, reporting to Tune once per
-  epoch. `max_concurrent_trials` defaults to the cluster's CPUs // (num_workers x cpus_per_worker).
+  a background thread and grades every epoch checkpoint as it appears, one Tune step per epoch.
+  A trial Tune stops (ASHA) writes `trials/<id>/stop.json` in its cleanup and waits there until its
+  workers have returned at the next epoch boundary and Ray Train has removed their placement group:
+  a stopped trial frees its CPUs/GPUs before its actor exits, with no help from the Ray state API.
+  `max_concurrent_trials` defaults to the cluster's CPUs // (num_workers x cpus_per_worker).
 - Grading: clean accuracy and APGD-CE then APGD-T (pyautoattack, each on the points the previous
   left robust) at `eval.eps` on the first `tune.val_n` images of the held-out validation split
   (fixed: the split is seeded by `train.seed`, which the search does not vary). PGD-20 on
@@ -52,7 +56,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional
 
 import torch
-from ray.tune import Callback
+from ray.tune import Callback, Trainable
 from ray.tune.search.optuna import OptunaSearch
 
 from ..checkpoint import CHECKPOINT_FILE
@@ -223,46 +227,84 @@ def _checkpoint_complete(ckpt: Location) -> bool:
 # ---------------------------------------------------------------------------------------- trial
 
 
-def _trial(config: Dict[str, Any], base: Optional[Dict[str, Any]] = None, run_dir: Optional[str] = None) -> None:
-    """One Tune trial: Ray Train fit in a background thread, one Tune report per graded epoch."""
-    from ray import tune
+STOP_FILE = "stop.json"  # in a trial's directory: written when Tune stops the trial; its workers end at the next epoch
 
-    from ..checkpoint import checkpoint_name
-    from ..train import fit
 
-    torch.set_num_threads(1)
-    trial_id = tune.get_context().get_trial_id()
-    params = {k: v for k, v in config.items()}
-    cfg = apply_params(base, params)
-    tdir = Location(run_dir) / "trials" / trial_id
-    write_json(tdir / "params.json", {"trial_id": trial_id, "params": params, "config": cfg.to_dict()})
-    x, y = validation_subset(cfg)
-    box: Dict[str, Any] = {}
+class Trial(Trainable):
+    """One Tune trial: a Ray Train fit (`rayrobust.train.fit`) in a background thread, one Tune step per graded
+    epoch checkpoint.
 
-    def work():
-        try:
-            box["result"] = fit(cfg, tdir)
-        except BaseException as e:  # re-raised in the trial's thread below
-            box["error"] = e
+    A class trainable so that stopping is synchronous: when Tune stops the trial (ASHA, or the end of the
+    search), `cleanup` runs before the trial's actor exits; it writes `trials/<id>/stop.json`, the Train workers
+    return at their next epoch boundary, Ray Train shuts the worker group down and removes its placement
+    group, and `cleanup` waits for that. A trial that ended by itself has nothing left to stop."""
 
-    worker = threading.Thread(target=work, name=f"fit-{trial_id}", daemon=True)
-    worker.start()
-    poll = 0.5 if tdir.is_local else 1.0
-    for epoch in range(1, cfg.train.epochs + 1):
-        ckpt = tdir / CHECKPOINTS / checkpoint_name(epoch)
+    STOP_WAIT_S = 600.0  # how long cleanup waits for the workers to reach an epoch boundary
+
+    def setup(self, config: Dict[str, Any], base: Optional[Dict[str, Any]] = None, run_dir: Optional[str] = None):
+        from ..train import fit
+
+        torch.set_num_threads(1)
+        self.params = dict(config)
+        self.cfg = cfg = apply_params(base, self.params)
+        self.tdir = Location(run_dir) / "trials" / self.trial_id
+        write_json(self.tdir / "params.json", {"trial_id": self.trial_id, "params": self.params, "config": cfg.to_dict()})
+        self.x, self.y = validation_subset(cfg)
+        self.epoch = 0
+        self.box: Dict[str, Any] = {}
+
+        def work():
+            try:
+                self.box["result"] = fit(cfg, self.tdir, stop=self.tdir / STOP_FILE)
+            except BaseException as e:  # re-raised in step()
+                self.box["error"] = e
+
+        self.worker = threading.Thread(target=work, name=f"fit-{self.trial_id}", daemon=True)
+        self.worker.start()
+
+    def _wait_for(self, ckpt: Location) -> None:
+        poll = 0.5 if self.tdir.is_local else 1.0
         while not _checkpoint_complete(ckpt):
-            if not worker.is_alive() and not _checkpoint_complete(ckpt):
-                raise box.get("error") or RayRobustError(f"training of trial {trial_id} ended without {ckpt.uri}")
+            if not self.worker.is_alive() and not _checkpoint_complete(ckpt):
+                raise self.box.get("error") or RayRobustError(
+                    f"training of trial {self.trial_id} ended without {ckpt.uri}")
             time.sleep(poll)
-        res = grade_checkpoint(cfg, ckpt, x, y)
-        tune.report({"epoch": epoch, "epochs_planned": cfg.train.epochs, "clean_acc": res["clean_acc"],
-                     "robust_acc": res["robust_acc"], "pgd_ce_acc": res["pgd_ce_acc"],
-                     "robust_objective": res["robust_objective"], "flagged": int(res["flagged"]),
-                     "flags": ",".join(res["flags"]), "train_loss": res.get("train_loss") or 0.0,
-                     "method": cfg.train.method, "grading_seconds": res["seconds"]})
-    worker.join()
-    if "error" in box:
-        raise box["error"]
+
+    def step(self) -> Dict[str, Any]:
+        from ..checkpoint import checkpoint_name
+
+        cfg = self.cfg
+        self.epoch += 1
+        ckpt = self.tdir / CHECKPOINTS / checkpoint_name(self.epoch)
+        self._wait_for(ckpt)
+        res = grade_checkpoint(cfg, ckpt, self.x, self.y)
+        done = self.epoch >= cfg.train.epochs
+        if done:
+            self.worker.join()
+            if "error" in self.box:
+                raise self.box["error"]
+        return {"epoch": self.epoch, "epochs_planned": cfg.train.epochs, "clean_acc": res["clean_acc"],
+                "robust_acc": res["robust_acc"], "pgd_ce_acc": res["pgd_ce_acc"],
+                "robust_objective": res["robust_objective"], "flagged": int(res["flagged"]),
+                "flags": ",".join(res["flags"]), "train_loss": res.get("train_loss") or 0.0,
+                "method": cfg.train.method, "grading_seconds": res["seconds"], "done": done}
+
+    def cleanup(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is None or not worker.is_alive():
+            return
+        write_json(self.tdir / STOP_FILE, {"trial_id": self.trial_id, "after_epoch": self.epoch,
+                                           "reason": "stopped by Tune (early stopping or the end of the search)"})
+        worker.join(self.STOP_WAIT_S)
+        if worker.is_alive():
+            print(f"warning: trial {self.trial_id}: training did not reach an epoch boundary within "
+                  f"{self.STOP_WAIT_S:.0f}s of being stopped", flush=True)
+
+    def save_checkpoint(self, checkpoint_dir: str):  # trials resume from their own epoch checkpoints (fit)
+        return None
+
+    def load_checkpoint(self, checkpoint):
+        pass
 
 
 # ---------------------------------------------------------------------------------------- study
@@ -527,7 +569,7 @@ class RecordingOptunaSearch(OptunaSearch):
 def _trainable(cfg: ExperimentConfig, run: Location):
     from ray import tune
 
-    fn = tune.with_parameters(_trial, base=cfg.to_dict(), run_dir=run.uri)
+    fn = tune.with_parameters(Trial, base=cfg.to_dict(), run_dir=run.uri)
     # The trial itself holds no CPU or GPU (its TorchTrainer workers do); Tune refuses an empty
     # request, so the trial asks for one byte of memory instead.
     return tune.with_resources(fn, {"CPU": 0, "memory": 1})
