@@ -1,6 +1,6 @@
 """`rayrobust dashboard RUN_DIR`: optuna-dashboard over the Optuna study of a search, and TensorBoard's command.
 
-The study is found the way `rayrobust report` finds it (`rayrobust.tune.search.StudyStorage`):
+The study is found the way `rayrobust report` finds it (`rayrobust.tune.study.StudyStorage`):
 
 - a run on this disk: `<run_dir>/optuna.journal` is served live (the page follows a running search);
 - a run in object storage (s3://, gs://): the journal is downloaded to a temporary file first, so the
@@ -62,7 +62,7 @@ def open_study(run_dir: Where) -> Study:
     problem when the run directory does not exist or holds no study."""
     import optuna
 
-    from .tune.search import JOURNAL, StudyStorage
+    from .tune.study import JOURNAL, StudyStorage
 
     run = as_location(run_dir)
     if not run.is_dir():

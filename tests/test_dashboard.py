@@ -25,7 +25,7 @@ def _search_run(run_dir: Path) -> Path:
 
     from optuna.storages.journal import JournalFileBackend
 
-    from rayrobust.tune.search import JOURNAL, OBJECTIVES, STUDY
+    from rayrobust.tune.study import JOURNAL, OBJECTIVES, STUDY
 
     make_search_run(run_dir)
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))

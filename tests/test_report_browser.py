@@ -34,7 +34,7 @@ def make_search_run(run_dir: Path) -> Path:
     """A finished search: 5 trials (one flagged masking control), Optuna journal, final AutoAttack."""
     import optuna
 
-    from rayrobust.tune.search import JOURNAL, STUDY, journal_storage
+    from rayrobust.tune.study import JOURNAL, STUDY, journal_storage
 
     run_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)

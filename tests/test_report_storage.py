@@ -78,12 +78,12 @@ def test_journal_lives_in_the_bucket_and_a_restored_searcher_reconnects(s3_serve
     study downloaded from the bucket, and its sampler continues instead of repeating suggestions."""
     import optuna
 
-    from rayrobust.tune.config import TuneConfig
-    from rayrobust.tune.search import JOURNAL, STUDY, RecordingOptunaSearch, StudyStorage, journal_storage
+    from rayrobust.tune.config import ConditionalSpace, TuneConfig
+    from rayrobust.tune.study import JOURNAL, STUDY, RecordingOptunaSearch, StudyStorage, journal_storage
 
     bucket = s3_server.make_bucket("rr-study")
     uri = f"{bucket}/runs/s"
-    space = {p.name: p.distribution() for p in TuneConfig(space={"train_eps": {"low": 0.5, "high": 1.5}}).params()}
+    space = ConditionalSpace(TuneConfig(space={"train_eps": {"low": 0.5, "high": 1.5}}).params(), "pgd_at")
     store = StudyStorage(uri)
     optuna.create_study(study_name=STUDY, storage=store.storage(), directions=["maximize", "maximize"])
     searcher = RecordingOptunaSearch(store, space=space, metric=["clean_acc", "robust_objective"],
@@ -118,7 +118,7 @@ def test_optuna_storage_database_url(tmp_path):
 
     from rayrobust.config import load_config
     from rayrobust.errors import ConfigError
-    from rayrobust.tune.search import StudyStorage, journal_storage
+    from rayrobust.tune.study import StudyStorage, journal_storage
 
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     cfg = load_config(None, [f"tune.optuna_storage={url}", f"run_dir={tmp_path / 'run'}"])

@@ -41,7 +41,7 @@ def _raw(run_dir, tune, **sections):
 def _study(run_dir):
     import optuna
 
-    from rayrobust.tune.search import STUDY, journal_storage
+    from rayrobust.tune.study import STUDY, journal_storage
 
     return optuna.load_study(study_name=STUDY, storage=journal_storage(run_dir))
 
@@ -143,7 +143,7 @@ def test_grading_separates_a_saturated_model_from_its_plain_twin(one_thread):
     from conftest import digits_arrays, train_mlp
 
     from rayrobust.methods.saturated import ScaledLogits
-    from rayrobust.tune.search import grade
+    from rayrobust.tune.grading import grade
 
     x_all, y_all = digits_arrays()
     model = train_mlp(x_all[:1500], y_all[:1500], epochs=20)
@@ -158,7 +158,7 @@ def test_grading_separates_a_saturated_model_from_its_plain_twin(one_thread):
 
 
 def test_selection_never_picks_a_flagged_trial():
-    from rayrobust.tune.search import pareto_front, select
+    from rayrobust.tune.selection import pareto_front, select
 
     def row(tid, clean, robust, flagged=False, epoch=2):
         return {"trial_id": tid, "clean_acc": clean, "robust_acc": robust, "flagged": flagged,
@@ -241,7 +241,8 @@ def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster,
 
     from rayrobust.cli import main
     from rayrobust.location import Location
-    from rayrobust.tune.search import StudyStorage, run_tune
+    from rayrobust.tune.search import run_tune
+    from rayrobust.tune.study import StudyStorage
 
     bucket = s3_server.make_bucket("rr-tune")
     uri = f"{bucket}/runs/search"
@@ -303,7 +304,8 @@ def test_asha_stops_trials_which_free_their_workers(ray_cluster, s3_server):
     import ray
 
     from rayrobust.location import Location
-    from rayrobust.tune.search import STOP_FILE, run_tune
+    from rayrobust.tune.search import run_tune
+    from rayrobust.tune.trial import STOP_FILE
 
     total = ray.cluster_resources().get("CPU")
     run = Location(f"{s3_server.make_bucket('rr-asha')}/runs/search")
@@ -389,8 +391,47 @@ def test_cross_section_errors_and_cli_exit_code(tmp_path):
     assert main(["report", str(tmp_path)]) == 2  # neither tune_summary.json nor summary.json
 
 
+def test_conditional_space_suggests_only_the_knobs_of_the_drawn_method():
+    """Optuna define-by-run: `method` first, then only that method's knobs; every method and knob is drawn."""
+    import optuna
+
+    from rayrobust.tune.config import ConditionalSpace, parse_space
+
+    specs = parse_space({"method": {"choices": ["clustr", "drp_at", "pgd_at"]}, "n_clusters": {"low": 1, "high": 6},
+                         "repulsion_margin": {"low": 0.1, "high": 1.0}, "train_eps": {"low": 0.5, "high": 1.5}})
+    space = ConditionalSpace(specs, "pgd_at")
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.TPESampler(seed=0))
+    knobs = {"clustr": {"method", "n_clusters", "train_eps"}, "drp_at": {"method", "repulsion_margin", "train_eps"},
+             "pgd_at": {"method", "train_eps"}}
+    seen = set()
+    for i in range(24):
+        t = study.ask()
+        space(t)
+        assert set(t.params) == knobs[t.params["method"]], t.params
+        seen.add(t.params["method"])
+        study.tell(t, [0.5, 0.1 * (i % 5)])
+    assert seen == set(knobs)
+    fixed = ConditionalSpace(parse_space({"repulsion_margin": {"low": 0.1, "high": 1.0}}), "drp")
+    t = study.ask()
+    fixed(t)
+    assert set(t.params) == {"repulsion_margin"} and fixed.methods() == ["drp"]
+
+
+def test_a_knob_of_no_searched_method_is_a_config_error():
+    from rayrobust.tune.search import check_search
+
+    cfg = load_config(None, ["train.method=drp_at", "tune.space={n_clusters: {low: 1, high: 4}}"])
+    with pytest.raises(ConfigError, match=r"tune.space.n_clusters applies to clustr, srd, and the search trains only "
+                                          r"drp_at \(train.method\); remove"):
+        check_search(cfg)
+    cfg = load_config(None, ["tune.space={method: {choices: [pgd_at, trades]}, repulsion_margin: {low: 0.1, high: 1}}"])
+    with pytest.raises(ConfigError, match=r"repulsion_margin applies to drp, drp_at.*\(tune.space.method.choices\)"):
+        check_search(cfg)
+    check_search(load_config(None, ["tune.space={method: {choices: [pgd_at, drp]}, repulsion_margin: {low: 0.1, high: 1}}"]))
+
+
 def test_apply_params_maps_every_knob():
-    from rayrobust.tune.search import apply_params
+    from rayrobust.tune.trial import apply_params
 
     base = load_config(None, ["eval.eps=0.2"]).to_dict()
     cfg = apply_params(base, {"n_clusters": 4, "repulsion_margin": 0.3, "train_eps": 1.5, "method": "drp"})

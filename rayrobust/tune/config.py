@@ -3,12 +3,16 @@
 The search space names the knobs of docs/methods.md "Search space"; each has a fixed valid range and
 maps onto the experiment config as follows:
 
-| name               | kind                      | valid range        | sets                                   |
-|--------------------|---------------------------|--------------------|----------------------------------------|
-| `n_clusters`       | int                       | 1..10              | `semantic.k_max` (and `train.clustr_k` when that field exists) |
-| `repulsion_margin` | float (log by default)    | 0.05..2.0          | `train.repulsion_margin`               |
-| `train_eps`        | float, x `eval.eps`       | 0.5..1.5           | `train.eps = train_eps * eval.eps`     |
-| `method`           | categorical               | registered methods | `train.method`                         |
+| name               | kind                      | valid range        | methods      | sets                               |
+|--------------------|---------------------------|--------------------|--------------|------------------------------------|
+| `n_clusters`       | int                       | 1..10              | clustr, srd  | `train.clustr_k` and `semantic.k_max` |
+| `repulsion_margin` | float (log by default)    | 0.05..2.0          | drp, drp_at  | `train.repulsion_margin`           |
+| `train_eps`        | float, x `eval.eps`       | 0.5..1.5           | all          | `train.eps = train_eps * eval.eps` |
+| `method`           | categorical               | registered methods | -            | `train.method`                     |
+
+A parameter is conditional on the method: a trial is suggested only the parameters of the method it trains
+(`ConditionalSpace`, Optuna's define-by-run), and a parameter that applies to none of the searched methods is
+a configuration error.
 
 YAML:
 
@@ -37,13 +41,19 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-# name -> (kind, valid low, valid high, default log scale)
+# name -> (kind, valid low, valid high, default log scale, the methods it applies to (None: every method))
 PARAMS: Dict[str, tuple] = {
-    "n_clusters": ("int", 1, 10, False),
-    "repulsion_margin": ("float", 0.05, 2.0, True),
-    "train_eps": ("float", 0.5, 1.5, False),
-    "method": ("categorical", None, None, False),
+    "n_clusters": ("int", 1, 10, False, ("clustr", "srd")),
+    "repulsion_margin": ("float", 0.05, 2.0, True, ("drp", "drp_at")),
+    "train_eps": ("float", 0.5, 1.5, False, None),
+    "method": ("categorical", None, None, False, None),
 }
+
+
+def applies(name: str, method: str) -> bool:
+    """Whether search parameter `name` is a knob of `method` (conditional parameters are suggested only then)."""
+    methods = PARAMS[name][4]
+    return methods is None or method in methods
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,14 @@ class ParamSpec:
     log: bool = False
     choices: Optional[List[Any]] = None
 
+    def suggest(self, trial):
+        """Ask an Optuna trial for this dimension's value (define-by-run)."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
     def distribution(self):
         """The Optuna distribution of this dimension."""
         import optuna
@@ -69,7 +87,7 @@ class ParamSpec:
 
 
 def _default_space() -> Dict[str, Any]:
-    return {"repulsion_margin": {"low": 0.05, "high": 2.0, "log": True}, "train_eps": {"low": 0.5, "high": 1.5}}
+    return {"train_eps": {"low": 0.5, "high": 1.5}}  # the knob every method has
 
 
 def parse_space(space: Any) -> List[ParamSpec]:
@@ -82,7 +100,7 @@ def parse_space(space: Any) -> List[ParamSpec]:
     for name in sorted(space):
         spec = space[name]
         _check(name in PARAMS, f"tune.space.{name}: unknown parameter {name!r}; valid parameters: {', '.join(PARAMS)}")
-        kind, lo_valid, hi_valid, log_default = PARAMS[name]
+        kind, lo_valid, hi_valid, log_default, _ = PARAMS[name]
         where = f"tune.space.{name}"
         _check(isinstance(spec, dict), f"{where}={spec!r} must be a mapping, e.g. "
                                        + ("{choices: [drp, drp_at]}" if kind == "categorical" else f"{{low: {lo_valid}, high: {hi_valid}}}"))
@@ -115,6 +133,36 @@ def parse_space(space: Any) -> List[ParamSpec]:
         specs.append(ParamSpec(name, kind, int(low) if kind == "int" else float(low),
                                int(high) if kind == "int" else float(high), log))
     return specs
+
+
+class ConditionalSpace:
+    """The search space as an Optuna define-by-run function: `method` first (when searched), then each other
+    dimension only for the methods it applies to (`PARAMS`), so a DRP trial is never given a cluster count
+    and the sampler models each knob on the trials that used it. Picklable (saved with the searcher)."""
+
+    def __init__(self, specs: List[ParamSpec], fixed_method: str):
+        self.specs = list(specs)
+        self.fixed_method = fixed_method
+
+    def methods(self) -> List[str]:
+        """The methods the search can train."""
+        for spec in self.specs:
+            if spec.name == "method":
+                return list(spec.choices)
+        return [self.fixed_method]
+
+    def __call__(self, trial) -> None:
+        method = self.fixed_method
+        for spec in self.specs:
+            if spec.name == "method":
+                method = spec.suggest(trial)
+        for spec in self.specs:
+            if spec.name != "method" and applies(spec.name, method):
+                spec.suggest(trial)
+
+    def distributions(self, names) -> Dict[str, Any]:
+        """The Optuna distributions of the named dimensions."""
+        return {s.name: s.distribution() for s in self.specs if s.name in names}
 
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")  # database URLs tune.optuna_storage accepts (with +driver)

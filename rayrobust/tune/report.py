@@ -200,7 +200,7 @@ def param_importances(run_dir: Where) -> Tuple[Optional[Dict[str, Dict[str, floa
     the database its tune_config.json names."""
     import optuna
 
-    from .search import JOURNAL, StudyStorage
+    from .study import JOURNAL, StudyStorage
 
     study_store = StudyStorage.of_run(run_dir)
     if not study_store.exists():
