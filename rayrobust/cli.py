@@ -21,7 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrobust", description=(
         "Train adversarially robust image classifiers on Ray and evaluate them with AutoAttack."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _training_commands(sub)
+    _semantic_commands(sub)
+    _search_commands(sub)
+    _data_commands(sub)
+    return parser
 
+
+def _training_commands(sub) -> None:
+    """train, evaluate, certify, pipeline, results."""
     p = sub.add_parser("train", help="train one method on Ray Train (resumes the run in its run directory)",
                        description="Train cfg.train.method on Ray Train; writes <run_dir>/<method>/checkpoints/ and metrics.jsonl.")
     _common(p)
@@ -57,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", metavar="PATH", default="README.md",
                    help="README whose results table is regenerated (default: README.md; 'none' to leave it)")
 
+
+def _semantic_commands(sub) -> None:
+    """extract, cluster, dictionaries: SRD's semantic stages one by one."""
     p = sub.add_parser("extract", help="latents of the training set under a checkpoint (Ray Data) -> Parquet",
                        description="Run forward_features over the training images in a Ray Data actor pool; writes "
                                    "<run_dir>/semantic/latents/*.parquet and a manifest.")
@@ -73,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Learn semantic reconstruction dictionaries; writes <run_dir>/semantic/dictionaries/.")
     _common(p)
 
+
+def _search_commands(sub) -> None:
+    """tune, report, dashboard."""
     p = sub.add_parser("tune", help="search the defenses' knobs with Optuna on Ray Tune, graded by APGD-CE + APGD-T",
                        description="Run the search of the config's tune: section in <run_dir> (Optuna study in "
                                    "<run_dir>/optuna.journal, Tune experiment in <run_dir>/tune/), then re-evaluate the "
@@ -95,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
 
+
+def _data_commands(sub) -> None:
+    """export-data, config, list."""
     p = sub.add_parser("export-data", help="write a dataset as Parquet image files (local path or s3://, gs:// URI) for streaming",
                        description="Write data.name's train and test splits (train limited to data.train_limit) to OUT as "
                                    "OUT/meta.json + OUT/<split>/*.parquet, streamed chunk by chunk by Ray workers "
@@ -109,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list registered datasets, models, methods and attacks",
                    description="List the names the registries accept.")
-    return parser
 
 
 def _load(args) -> "ExperimentConfig":  # noqa: F821

@@ -40,6 +40,31 @@ def _name(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+def _checked_call(dataset: Any, threat_model: Any, preprocessing: Any, n_examples: Any, batch_size: Any,
+                  eps: Optional[float]) -> Tuple[str, Optional[str], float]:
+    """(threat model, dataset name or None for tensors, eps) of a benchmark call; a ConfigError naming the fix
+    for an argument RobustBench's call accepts and rayrobust does not."""
+    threat = _name(threat_model)
+    if threat not in THREAT_MODELS:
+        raise ConfigError(f"threat_model={threat!r} is not offered; use 'Linf' or 'L2' "
+                          "(the corruptions benchmark is RobustBench's own)")
+    if preprocessing is not None:
+        raise ConfigError("preprocessing must be None: rayrobust attacks [0,1] images, so put the normalisation "
+                          "inside the model (e.g. nn.Sequential(Normalize(mean, std), model))")
+    if not (isinstance(n_examples, int) and n_examples >= 1):
+        raise ConfigError(f"n_examples={n_examples!r} must be an integer >= 1 (RobustBench's leaderboards use 10000)")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    name = _name(dataset) if isinstance(dataset, str) or hasattr(dataset, "value") else None
+    if eps is None:
+        if (name, threat) not in LEADERBOARD_EPS:
+            raise ConfigError(f"eps is needed for dataset={name or 'tensors'!r} and threat_model={threat!r}; pass "
+                              f"eps=... in [0,1] pixel units (leaderboard budgets: "
+                              + ", ".join(f"{d} {t} {e:.4g}" for (d, t), e in LEADERBOARD_EPS.items()) + ")")
+        eps = LEADERBOARD_EPS[(name, threat)]
+    return threat, name, eps
+
+
 def benchmark(
     model: nn.Module,
     n_examples: int = 10000,
@@ -79,24 +104,7 @@ def benchmark(
 
     if isinstance(model, (list, tuple)):
         raise ConfigError("benchmark takes one model; evaluate an ensemble by wrapping it in one nn.Module")
-    threat = _name(threat_model)
-    if threat not in THREAT_MODELS:
-        raise ConfigError(f"threat_model={threat!r} is not offered; use 'Linf' or 'L2' "
-                          "(the corruptions benchmark is RobustBench's own)")
-    if preprocessing is not None:
-        raise ConfigError("preprocessing must be None: rayrobust attacks [0,1] images, so put the normalisation "
-                          "inside the model (e.g. nn.Sequential(Normalize(mean, std), model))")
-    if not (isinstance(n_examples, int) and n_examples >= 1):
-        raise ConfigError(f"n_examples={n_examples!r} must be an integer >= 1 (RobustBench's leaderboards use 10000)")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
-    name = _name(dataset) if isinstance(dataset, str) or hasattr(dataset, "value") else None
-    if eps is None:
-        if (name, threat) not in LEADERBOARD_EPS:
-            raise ConfigError(f"eps is needed for dataset={name or 'tensors'!r} and threat_model={threat!r}; pass "
-                              f"eps=... in [0,1] pixel units (leaderboard budgets: "
-                              + ", ".join(f"{d} {t} {e:.4g}" for (d, t), e in LEADERBOARD_EPS.items()) + ")")
-        eps = LEADERBOARD_EPS[(name, threat)]
+    threat, name, eps = _checked_call(dataset, threat_model, preprocessing, n_examples, batch_size, eps)
     if name is not None:
         from ..data import load_dataset
 

@@ -234,19 +234,10 @@ def evaluate(
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
     t0 = time.perf_counter()
-    clean_acc, pgd_acc = _on_accelerator(_pgd_accuracy, model, x, y, eps=eps, norm=norm, steps=pgd_steps,
-                                         restarts=pgd_restarts, seed=seed, batch_size=batch_size, backend=backend)
-    if verbose:
-        print(f"  [{label}] clean {clean_acc:.4f}  PGD-{pgd_steps} {pgd_acc:.4f}  (n={len(x)}, {time.perf_counter() - t0:.1f}s)",
-              file=sys.stderr, flush=True)
-    result: Dict[str, Any] = {
-        "label": label, "dataset": ds_name, "eps": eps, "norm": norm, "n_eval": len(x),
-        "clean_acc": clean_acc, "pgd_acc": pgd_acc,
-        "pgd": {"attack": f"PGD-{pgd_steps} on cross-entropy, {pgd_restarts} restart(s), random start",
-                "steps": pgd_steps, "restarts": pgd_restarts, "strength": "weaker than AutoAttack"},
-        "n_autoattack": n_autoattack, "autoattack_acc": None, "autoattack": None, "autoattack_version": version,
-    }
-    flags = [check_robust_le_clean(clean_acc, {"pgd": pgd_acc})]
+    result = _clean_and_pgd(model, x, y, eps=eps, norm=norm, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, seed=seed,
+                            batch_size=batch_size, backend=backend, label=label, verbose=verbose, ds_name=ds_name)
+    result.update({"n_autoattack": n_autoattack, "autoattack_acc": None, "autoattack": None, "autoattack_version": version})
+    flags = [check_robust_le_clean(result["clean_acc"], {"pgd": result["pgd_acc"]})]
     if n_autoattack:
         settings = {"eps": eps, "norm": norm, "seed": seed, "chunk_size": chunk_size, "num_shards": num_shards,
                     "backend": backend, "label": label, "verbose": verbose, "resume_dir": resume_dir,
@@ -262,18 +253,40 @@ def evaluate(
                                                                           "label", "verbose")})
         model.to(device)
     if checks:
-        n_checks = min(len(x), max(n_autoattack, 200))
-        t_checks = time.perf_counter()
-        model_flags, measurements = _on_accelerator(run_model_checks, model, x[:n_checks], y[:n_checks], eps=eps,
-                                                    norm=norm, seed=seed, batch_size=batch_size, backend=backend)
-        flags += model_flags
-        result["measurements"] = measurements
-        if verbose:
-            print(f"  [{label}] sanity checks on n={n_checks} ({time.perf_counter() - t_checks:.1f}s)", file=sys.stderr, flush=True)
+        flags += _model_checks(model, x, y, result, n_checks=min(len(x), max(n_autoattack, 200)), eps=eps, norm=norm,
+                               seed=seed, batch_size=batch_size, backend=backend, label=label, verbose=verbose)
     result["checks"] = [{"name": f.name, "passed": f.passed, "detail": f.detail} for f in flags]
     result["flags"] = list(dict.fromkeys(failed(flags))) + ([] if n_autoattack else ["autoattack_skipped"])
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _clean_and_pgd(model, x, y, *, eps, norm, pgd_steps, pgd_restarts, seed, batch_size, backend, label, verbose,
+                   ds_name) -> Dict[str, Any]:
+    """The result's head: clean and PGD accuracy on all `n` images (on the accelerator when there is one)."""
+    t0 = time.perf_counter()
+    clean_acc, pgd_acc = _on_accelerator(_pgd_accuracy, model, x, y, eps=eps, norm=norm, steps=pgd_steps,
+                                         restarts=pgd_restarts, seed=seed, batch_size=batch_size, backend=backend)
+    if verbose:
+        print(f"  [{label}] clean {clean_acc:.4f}  PGD-{pgd_steps} {pgd_acc:.4f}  (n={len(x)}, {time.perf_counter() - t0:.1f}s)",
+              file=sys.stderr, flush=True)
+    return {
+        "label": label, "dataset": ds_name, "eps": eps, "norm": norm, "n_eval": len(x),
+        "clean_acc": clean_acc, "pgd_acc": pgd_acc,
+        "pgd": {"attack": f"PGD-{pgd_steps} on cross-entropy, {pgd_restarts} restart(s), random start",
+                "steps": pgd_steps, "restarts": pgd_restarts, "strength": "weaker than AutoAttack"},
+    }
+
+
+def _model_checks(model, x, y, result, *, n_checks, eps, norm, seed, batch_size, backend, label, verbose) -> list:
+    """The model's sanity checks on the first `n_checks` images; their measurements go into `result`."""
+    t_checks = time.perf_counter()
+    model_flags, measurements = _on_accelerator(run_model_checks, model, x[:n_checks], y[:n_checks], eps=eps,
+                                                norm=norm, seed=seed, batch_size=batch_size, backend=backend)
+    result["measurements"] = measurements
+    if verbose:
+        print(f"  [{label}] sanity checks on n={n_checks} ({time.perf_counter() - t_checks:.1f}s)", file=sys.stderr, flush=True)
+    return model_flags
 
 
 def _add_figures(result, attacked, broken_by, xa, ya, *, eps, norm, seed, chunk_size, eps_curve, eps_curve_n, gallery, class_names,

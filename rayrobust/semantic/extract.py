@@ -218,8 +218,6 @@ def run_extract(
     is; different -> ArtifactMismatchError unless `overwrite`. `ray_remote_args` go to each actor
     (e.g. `{"resources": {"node_a": 1}}` to pin placement); `rows_per_shard` defaults to ~n/8.
     """
-    import ray
-
     from ..raycluster import ensure_ray
 
     if num_actors < 1 or batch_size < 1:
@@ -240,23 +238,11 @@ def run_extract(
     ensure_ray()
     plan = _plan(dataset, n, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu,
                  rows_per_shard=rows_per_shard)
-    actors, per_actor, block_rows, use_gpu = plan["actors"], plan["per_actor"], plan["block_rows"], plan["use_gpu"]
+    actors, use_gpu = plan["actors"], plan["use_gpu"]
     dim = int(getattr(model, "num_features", 0)) or extract_latents(model, torch.zeros(1, *shape), 1).shape[1]
 
     t0 = time.perf_counter()
-    ds = _input_rows(dataset, n, block_rows)
-    # Ray Data's own bars (rows/s, ETA) when interactive; this dataset's own copy of the context, not the global one
-    ds.context.enable_progress_bars = progress_enabled()
-    ds.context.wait_for_min_actors_s = 600  # start every pool actor before dispatching: the work is spread
-    ds = ds.map_batches(
-        LatentExtractor,
-        fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": shape,
-                               "batch_size": batch_size, "threads": None if use_gpu else 1,
-                               "source": dataset if isinstance(dataset, ImageSource) else None,
-                               "scale": info["scale"] if isinstance(dataset, ImageSource) and dataset.stream else None},
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size, batch_format="pyarrow", **per_actor, **(ray_remote_args or {}),
-    )
+    ds = _latent_pipeline(model, dataset, n, shape, info, plan, batch_size, ray_remote_args)
     _log(verbose, f"latents: extracting n={n} images with {actors} Ray Data actor(s) "
                   f"({'1 GPU' if use_gpu else '1 CPU'} each), batch {batch_size}, into {dest}")
     with atomic_dir(dest) as tmp:
@@ -270,6 +256,27 @@ def run_extract(
     _log(verbose, f"latents: {n} x {dim} in {seconds:.1f}s ({n / seconds:.0f} images/s) on "
                   f"{len(manifest['nodes'])} node(s)")
     return manifest
+
+
+def _latent_pipeline(model: nn.Module, dataset, n: int, shape, info: Dict[str, Any], plan: Dict[str, Any],
+                     batch_size: int, ray_remote_args: Optional[Dict[str, Any]]):
+    """The Ray Data pipeline of `run_extract`: input rows -> a pool of `plan["actors"]` LatentExtractor actors."""
+    import ray
+
+    use_gpu = plan["use_gpu"]
+    ds = _input_rows(dataset, n, plan["block_rows"])
+    # Ray Data's own bars (rows/s, ETA) when interactive; this dataset's own copy of the context, not the global one
+    ds.context.enable_progress_bars = progress_enabled()
+    ds.context.wait_for_min_actors_s = 600  # start every pool actor before dispatching: the work is spread
+    return ds.map_batches(
+        LatentExtractor,
+        fn_constructor_kwargs={"model_ref": ray.put(model.cpu().eval()), "image_shape": shape,
+                               "batch_size": batch_size, "threads": None if use_gpu else 1,
+                               "source": dataset if isinstance(dataset, ImageSource) else None,
+                               "scale": info["scale"] if isinstance(dataset, ImageSource) and dataset.stream else None},
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        batch_size=batch_size, batch_format="pyarrow", **plan["per_actor"], **(ray_remote_args or {}),
+    )
 
 
 def _plan(dataset, n: int, *, num_actors: int, batch_size: int, use_gpu: Optional[bool],

@@ -333,6 +333,36 @@ def _epoch_line(m: Dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
+def _trainer(cfg: ExperimentConfig, run_dir: Location, init: Optional[Dict[str, Any]], stop: Optional[Where]):
+    """The TorchTrainer of one run: `cfg.train.num_workers` workers running `_worker_loop`, the run's checkpoints
+    persisted by Ray Train in `<run_dir>/checkpoints/`, images from memory or streamed through Ray Data."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = _use_gpu(cfg)
+    plan, datasets, dataset_config = None, None, None
+    if cfg.data.streamed:  # the workers read the images (Ray Data); the driver reads only metadata
+        from .stream import stream_plan, trainer_datasets
+
+        plan = stream_plan(cfg)
+        datasets, dataset_config = trainer_datasets(cfg, plan)
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init, "stream": plan,
+                           "progress": progress_enabled(), "stop": as_location(stop).uri if stop else None},
+        datasets=datasets, dataset_config=dataset_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        # Ray Train persists every reported checkpoint to <run_dir>/checkpoints/epoch_XXX/ and restores
+        # the latest one from there on a restart or a resubmission.
+        run_config=RunConfig(name=CHECKPOINTS, storage_path=run_dir.uri,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch lines suffice
+                             # worker prints go to the driver once, not also through Train's logger
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+    )
+
+
 def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optional[str] = None,
         stop: Optional[Where] = None) -> TrainResult:
     """Train `method` (default cfg.train.method) on Ray Train in `run_dir` (default: the method's directory
@@ -340,9 +370,6 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
     one is. `stop`: a file (local or storage URI) whose appearance ends the run at the next epoch boundary:
     the workers return, Ray Train shuts its worker group down and removes its placement group, and this
     call returns with the epochs done so far (how a Tune trial that ASHA stops frees its resources)."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     if method is not None:
         cfg = cfg.for_method(method)
     from ..data import DATASETS
@@ -364,28 +391,7 @@ def fit(cfg: ExperimentConfig, run_dir: Optional[Where] = None, *, method: Optio
         if not cfg.data.streamed:
             preflight_data(cfg)
         ensure_ray(cfg.ray_address)
-        use_gpu = _use_gpu(cfg)
-        plan, datasets, dataset_config = None, None, None
-        if cfg.data.streamed:  # the workers read the images (Ray Data); the driver reads only metadata
-            from .stream import stream_plan, trainer_datasets
-
-            plan = stream_plan(cfg)
-            datasets, dataset_config = trainer_datasets(cfg, plan)
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri, "init": init, "stream": plan,
-                               "progress": progress_enabled(), "stop": as_location(stop).uri if stop else None},
-            datasets=datasets, dataset_config=dataset_config,
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-            # Ray Train persists every reported checkpoint to <run_dir>/checkpoints/epoch_XXX/ and restores
-            # the latest one from there on a restart or a resubmission.
-            run_config=RunConfig(name=CHECKPOINTS, storage_path=run_dir.uri,
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                 logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch lines suffice
-                                 # worker prints go to the driver once, not also through Train's logger
-                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
-        )
+        trainer = _trainer(cfg, run_dir, init, stop)
         try:
             trainer.fit()
         except Exception as e:  # surface a user error from inside a worker as itself
