@@ -17,7 +17,7 @@ from rayrobust.attacks import PGD
 from rayrobust.attacks.autoattack import (RAND_EOT, RAND_VOTES, LogOutputs, verify_examples, attack_label,
                                           autoattack_chunk, misclassified, summarize_autoattack)
 from rayrobust.attacks.checks import check_before_autoattack
-from rayrobust.pipeline import summary_row
+from rayrobust.tables import summary_row
 
 from conftest import digits_arrays, train_mlp  # noqa: E402
 

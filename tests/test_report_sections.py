@@ -121,7 +121,7 @@ def _pipeline_dir(run_dir: Path, evals: dict) -> Path:
         (run_dir / method).mkdir(parents=True, exist_ok=True)
         (run_dir / method / "eval.json").write_text(json.dumps(ev))
         (run_dir / method / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 1.0, "val_clean_acc": 0.8}))
-        from rayrobust.pipeline import summary_row
+        from rayrobust.tables import summary_row
 
         rows.append(summary_row(ev))
     (run_dir / "summary.json").write_text(json.dumps({

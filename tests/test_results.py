@@ -7,7 +7,7 @@ import pytest
 
 from rayrobust.config import load_config
 from rayrobust.errors import ConfigError
-from rayrobust.pipeline import summary_row
+from rayrobust.tables import summary_row
 from rayrobust.results import BEGIN, END, aggregate, markdown_table, run_results, seed_config, update_readme
 
 from conftest import tiny_config

@@ -86,7 +86,7 @@ def _final_eval(tcfg: ExperimentConfig, ckpt: Location, out: Location, label: st
 def finish(cfg: ExperimentConfig, run: Location, grid, study_store: Optional[StudyStorage] = None) -> Dict[str, Any]:
     """Select the Pareto front, re-evaluate it with full AutoAttack, write tune_summary.json and summary.json."""
     from ..checkpoint import latest_valid_checkpoint
-    from ..pipeline import format_table, summary_row
+    from ..tables import format_table, summary_row
 
     run = as_location(run)
     study_store = study_store or StudyStorage(run, cfg.tune.optuna_storage)
