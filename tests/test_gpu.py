@@ -20,7 +20,7 @@ from rayrobust.certify import certify
 from rayrobust.methods import create_method
 from rayrobust.models import create_model
 from rayrobust.semantic.purify import Purifier, purify_batches
-from rayrobust.train.devices import bind_device, visible_ids, worker_device
+from rayrobust.train.devices import bind_device, data_on_device, visible_ids, worker_device
 from rayrobust.train.loop import Split, make_optimizer, train_epoch, train_step
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
@@ -220,3 +220,24 @@ def test_worker_device_refuses_a_gpu_it_cannot_see():
         worker_device([3], None, device_count=2)
     assert visible_ids(" 0, 1 ,") == ["0", "1"] and visible_ids("") is None
     assert bind_device(torch.device("cpu")) == torch.device("cpu")  # no CUDA call for a CPU worker
+
+
+def _split():
+    from rayrobust.train.loop import train_val_split
+
+    return train_val_split(torch.rand(64, 1, 8, 8), torch.arange(64) % 10, 8, seed=0)
+
+
+def test_in_memory_training_images_stay_put_on_a_cpu_worker():
+    split = _split()
+    assert data_on_device(split, torch.device("cpu")) is split
+
+
+@gpu
+def test_in_memory_training_images_go_to_the_gpu_once():
+    split = _split()
+    dev = data_on_device(split, torch.device("cuda", 0))
+    assert dev.x_train.is_cuda and dev.y_train.is_cuda and not dev.x_val.is_cuda  # validation stays on the host
+    assert torch.equal(dev.x_train.cpu(), split.x_train)
+    idx = torch.tensor([3, 1, 2])  # the epoch's CPU index batches gather on the device
+    assert torch.equal(dev.x_train[idx].cpu(), split.x_train[idx])

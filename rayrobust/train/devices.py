@@ -63,3 +63,19 @@ def bind_device(device: torch.device) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+DEVICE_DATA_FRACTION = 0.25  # in-memory training images go to the GPU when they take at most this share of it
+
+
+def data_on_device(data, device: torch.device):
+    """The in-memory training images on the GPU once, when they fit in DEVICE_DATA_FRACTION of its memory (batches
+    are then gathered there, with no host-to-device copy per step); otherwise as they are (the CPU, or a stream)."""
+    from .loop import Split
+
+    if device.type != "cuda" or data.x_train is None:
+        return data
+    size = data.x_train.element_size() * data.x_train.numel()
+    if size > DEVICE_DATA_FRACTION * torch.cuda.get_device_properties(device).total_memory:
+        return data
+    return Split(data.x_train.to(device), data.y_train.to(device), data.x_val, data.y_val)

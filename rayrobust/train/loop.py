@@ -228,14 +228,16 @@ def stream_steps(n_train: int, batch_size: int) -> int:
 
 
 def stream_batches(shard: Any, batch_size: int, *, epoch: int, seed: int, world: int = 1,
-                   shuffle_buffer: Optional[int] = None) -> Iterable[Dict[str, torch.Tensor]]:
+                   shuffle_buffer: Optional[int] = None, pin_memory: bool = False) -> Iterable[Dict[str, torch.Tensor]]:
     """One epoch of this worker's batches from a Ray Data shard (`ray.train.get_dataset_shard("train")`):
     dicts of `image` (B, C, H, W) uint8 and `label` (B,), B = batch_size // world, shuffled in a local
-    buffer (default: 8 batches, at least 2048 rows) seeded by (seed, epoch)."""
+    buffer (default: 8 batches, at least 2048 rows) seeded by (seed, epoch). `pin_memory` (a GPU worker):
+    batches are pinned before their copy to the device."""
     per_worker = batch_size // world
     buffer = shuffle_buffer if shuffle_buffer is not None else max(8 * per_worker, 2048)
     return shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=buffer or None,
-                                    local_shuffle_seed=epoch_seed(seed, epoch) if buffer else None)
+                                    local_shuffle_seed=epoch_seed(seed, epoch) if buffer else None,
+                                    pin_memory=pin_memory)
 
 
 def train_epoch_stream(

@@ -164,7 +164,7 @@ def _worker_setup(loop_config: Dict[str, Any]) -> "_Worker":
 
     from ..config import check_budget, resolve_augment
     from .augment import Augment
-    from .devices import bind_device, worker_device
+    from .devices import bind_device, data_on_device, worker_device
     from .loop import Schedule
 
     w = _Worker()
@@ -184,6 +184,7 @@ def _worker_setup(loop_config: Dict[str, Any]) -> "_Worker":
     w.progress = bool(loop_config.get("progress")) and w.rank == 0  # the driver's terminal draws rank 0's bar
     w.plan = loop_config.get("stream")  # streamed (rayrobust.train.stream): images come from the "train" shard
     w.ds, w.data = _worker_data(cfg, w.plan, w.rank)
+    w.data = data_on_device(w.data, w.device)
     check_budget("train.eps", tc.eps, tc.norm, w.ds.shape)  # an L2 budget no longer than the input's diameter
     w.augment = Augment(pad=cfg.data.augment_pad, padding=cfg.data.augment_padding) \
         if resolve_augment(cfg.data.augment, w.ds.shape) else None
@@ -270,7 +271,7 @@ def _train_one_epoch(w: "_Worker", model, method, optimizer, epoch: int) -> Dict
     if w.plan is None:
         return train_epoch(model, method, optimizer, w.data, epoch=epoch, world=w.world, **common)
     batches = stream_batches(ray.train.get_dataset_shard("train"), tc.batch_size, epoch=epoch, seed=tc.seed,
-                             world=w.world)
+                             world=w.world, pin_memory=w.device.type == "cuda")
     return train_epoch_stream(model, method, optimizer, batches, epoch=epoch, steps=w.plan["steps"],
                               scale=w.plan["scale"], **common)
 
