@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "gpu_tests": ("passed", "failed", "skipped", "seconds"),
@@ -22,7 +20,6 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-@pytest.mark.extended  # the prepared GPU check end to end on the CPU (a subprocess importing torch)
 def test_tiny_cpu_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
