@@ -22,7 +22,7 @@ BASE = {
     "name": "tune-test",
     "data": {"name": "digits", "val_size": 100},
     "model": {"name": "small_cnn"},
-    "train": {"method": "standard", "epochs": 2, "batch_size": 32, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
+    "train": {"method": "pgd_at", "epochs": 2, "batch_size": 32, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
               "num_workers": 1, "cpus_per_worker": 1, "val_pgd_steps": 2},
     "eval": {"eps": 0.1, "n_eval": 100, "n_autoattack": 20, "pgd_steps": 5, "num_shards": 1, "batch_size": 100,
              "chunk_size": 20},
@@ -48,8 +48,8 @@ def _study(run_dir):
 
 @pytest.fixture(scope="module")
 def search(ray_cluster, tmp_path_factory):
-    """One real search: 4 trials of {saturated, pgd_at} x train_eps, 2 at a time, final AutoAttack (seed 0
-    samples pgd_at, saturated, pgd_at, pgd_at).
+    """One real search: 4 trials of {saturated, pgd_at} (train_eps for pgd_at), 2 at a time, final AutoAttack
+    (seed 0 samples pgd_at, saturated, saturated, pgd_at).
 
     Without ASHA, so that every trial trains all its epochs (ASHA's stopping is tested on its own below)."""
     from rayrobust.tune.search import max_concurrent, run_tune
@@ -401,8 +401,8 @@ def test_conditional_space_suggests_only_the_knobs_of_the_drawn_method():
                          "repulsion_margin": {"low": 0.1, "high": 1.0}, "train_eps": {"low": 0.5, "high": 1.5}})
     space = ConditionalSpace(specs, "pgd_at")
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.TPESampler(seed=0))
-    knobs = {"clustr": {"method", "n_clusters", "train_eps"}, "drp_at": {"method", "repulsion_margin", "train_eps"},
-             "pgd_at": {"method", "train_eps"}}
+    knobs = {"clustr": {"method", "n_clusters"}, "drp_at": {"method", "repulsion_margin", "train_eps"},
+             "pgd_at": {"method", "train_eps"}}  # clustr trains on clean images only: no train_eps
     seen = set()
     for i in range(24):
         t = study.ask()
@@ -423,6 +423,9 @@ def test_a_knob_of_no_searched_method_is_a_config_error():
     cfg = load_config(None, ["train.method=drp_at", "tune.space={n_clusters: {low: 1, high: 4}}"])
     with pytest.raises(ConfigError, match=r"tune.space.n_clusters applies to clustr, srd, and the search trains only "
                                           r"drp_at \(train.method\); remove"):
+        check_search(cfg)
+    cfg = load_config(None, ["train.method=standard", "tune.space={train_eps: {low: 0.5, high: 1.5}}"])
+    with pytest.raises(ConfigError, match="train_eps applies to the methods that train on adversarial examples"):
         check_search(cfg)
     cfg = load_config(None, ["tune.space={method: {choices: [pgd_at, trades]}, repulsion_margin: {low: 0.1, high: 1}}"])
     with pytest.raises(ConfigError, match=r"repulsion_margin applies to drp, drp_at.*\(tune.space.method.choices\)"):

@@ -7,10 +7,12 @@ maps onto the experiment config as follows:
 |--------------------|---------------------------|--------------------|--------------|------------------------------------|
 | `n_clusters`       | int                       | 1..10              | clustr, srd  | `train.clustr_k` and `semantic.k_max` |
 | `repulsion_margin` | float (log by default)    | 0.05..2.0          | drp, drp_at  | `train.repulsion_margin`           |
-| `train_eps`        | float, x `eval.eps`       | 0.5..1.5           | all          | `train.eps = train_eps * eval.eps` |
+| `train_eps`        | float, x `eval.eps`       | 0.5..1.5           | adversarial  | `train.eps = train_eps * eval.eps` |
 | `method`           | categorical               | registered methods | -            | `train.method`                     |
 
-A parameter is conditional on the method: a trial is suggested only the parameters of the method it trains
+("adversarial": every method that trains on adversarial examples, `Method.adversarial`; not `standard`,
+`saturated`, `drp` or `clustr`.) A parameter is conditional on the method: a trial is suggested only the
+parameters of the method it trains
 (`ConditionalSpace`, Optuna's define-by-run), and a parameter that applies to none of the searched methods is
 a configuration error.
 
@@ -41,11 +43,13 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-# name -> (kind, valid low, valid high, default log scale, the methods it applies to (None: every method))
+ADVERSARIAL = "adversarial"  # a parameter of every method that trains on adversarial examples (Method.adversarial)
+
+# name -> (kind, valid low, valid high, default log scale, the methods it applies to: names, ADVERSARIAL or None (all))
 PARAMS: Dict[str, tuple] = {
     "n_clusters": ("int", 1, 10, False, ("clustr", "srd")),
     "repulsion_margin": ("float", 0.05, 2.0, True, ("drp", "drp_at")),
-    "train_eps": ("float", 0.5, 1.5, False, None),
+    "train_eps": ("float", 0.5, 1.5, False, ADVERSARIAL),
     "method": ("categorical", None, None, False, None),
 }
 
@@ -53,7 +57,19 @@ PARAMS: Dict[str, tuple] = {
 def applies(name: str, method: str) -> bool:
     """Whether search parameter `name` is a knob of `method` (conditional parameters are suggested only then)."""
     methods = PARAMS[name][4]
+    if methods == ADVERSARIAL:
+        from ..methods import METHODS
+
+        return bool(getattr(METHODS.get(method), "adversarial", False))
     return methods is None or method in methods
+
+
+def applies_to(name: str) -> str:
+    """The methods parameter `name` applies to, in words (for messages)."""
+    methods = PARAMS[name][4]
+    if methods == ADVERSARIAL:
+        return "the methods that train on adversarial examples"
+    return ", ".join(methods) if methods else "every method"
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from ..errors import ConfigError
 from ..io import read_json, write_json
 from ..location import Location, Where, as_location, check_writable
 from ..progress import Bar
-from .config import PARAMS, applies
+from .config import applies, applies_to
 from .selection import finish
 from .study import ASHA_METRIC, EXPERIMENT, OBJECTIVES, RecordingOptunaSearch, StudyStorage, StudySync
 from .trial import Trial, search_space
@@ -69,7 +69,7 @@ def check_search(cfg: ExperimentConfig) -> None:
     for spec in tc.params():
         if spec.name != "method" and not any(applies(spec.name, m) for m in methods):
             where = "tune.space.method.choices" if len(methods) > 1 else "train.method"
-            raise ConfigError(f"tune.space.{spec.name} applies to {', '.join(PARAMS[spec.name][4])}, and the search "
+            raise ConfigError(f"tune.space.{spec.name} applies to {applies_to(spec.name)}, and the search "
                               f"trains only {', '.join(methods)} ({where}); remove tune.space.{spec.name} or "
                               f"search a method it applies to")
         if spec.name == "train_eps" and spec.high * cfg.eval.eps > 1:
