@@ -245,7 +245,7 @@ def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster,
     from rayrobust.tune.study import StudyStorage
 
     bucket = s3_server.make_bucket("rr-tune")
-    uri = f"{bucket}/runs/search"
+    uri = f"{bucket}/runs/bucket-search"
     cfg = config_from_dict(_raw(uri, {"space": {"train_eps": {"low": 0.5, "high": 1.5}}, "num_samples": 2,
                                       "val_n": 32, "final_top_k": 1, "asha": False},
                                 eval={"n_eval": 50, "n_autoattack": 10, "chunk_size": 10, "batch_size": 50,
@@ -255,8 +255,8 @@ def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster,
     print(f"search of 2 trials in S3: {time.perf_counter() - t0:.1f}s")
     assert len(s["trials"]) == 2 and all(t["status"] == "TERMINATED" for t in s["trials"])
     assert s["storage"] == f"{uri}/optuna.journal" and s["experiment_dir"] == f"{uri}/tune"
-    keys = s3_server.keys("rr-tune", "runs/search/")
-    names = {k.removeprefix("runs/search/") for k in keys}
+    keys = s3_server.keys("rr-tune", "runs/bucket-search/")
+    names = {k.removeprefix("runs/bucket-search/") for k in keys}
     assert {"optuna.journal", "tune_config.json", "tune_summary.json", "summary.json", "tune/tuner.pkl"} <= names
     assert any(n.startswith("tune/experiment_state") for n in names)  # what Tuner.restore reads
     for t in s["trials"]:
@@ -265,7 +265,7 @@ def test_search_in_object_storage_report_and_resume_from_the_bucket(ray_cluster,
                 f"trials/{tid}/checkpoints/epoch_002/checkpoint.pt"} <= names, sorted(names)
     assert f"trials/{s['selected'][0]}/final_eval.json" in names
     assert not any(n.endswith(".tmp") or n.endswith(".lock") for n in names)
-    assert not Path("s3:").exists() and not Path("runs/search").exists()  # nothing landed on the local disk
+    assert not Path("s3:").exists() and not Path("runs/bucket-search").exists()  # nothing landed on the local disk
 
     def study_from_bucket():  # as a new driver process sees it: only what is in the bucket
         StudyStorage._working.clear()
