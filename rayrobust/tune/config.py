@@ -12,9 +12,8 @@ maps onto the experiment config as follows:
 
 ("adversarial": every method that trains on adversarial examples, `Method.adversarial`; not `standard`,
 `saturated`, `drp` or `clustr`.) A parameter is conditional on the method: a trial is suggested only the
-parameters of the method it trains
-(`ConditionalSpace`, Optuna's define-by-run), and a parameter that applies to none of the searched methods is
-a configuration error.
+parameters of the method it trains (`ConditionalSpace`, Optuna's define-by-run), and a parameter that
+applies to none of the searched methods is a configuration error.
 
 YAML:
 
