@@ -261,11 +261,19 @@ class LoopbackCluster:
         raise RuntimeError(f"the worker node did not come up ({attempts} attempts):\n{self.logs()}")
 
     def kill_worker_raylet(self) -> int:
-        """SIGKILL the worker node's raylet (a node failure: its tasks and actors die with it); returns its pid."""
+        """SIGKILL the worker node's raylet and, at once, every process under it (a node failure: its tasks and
+        actors die with it, whether or not a worker process would notice its raylet is gone); returns its pid.
+        The tree is read before the kill: once the raylet is dead its workers are orphans outside it."""
         pids = self.worker.raylet_pids()
         if not pids:
             raise RuntimeError(f"no raylet in the worker node's process tree:\n{self.logs()}")
+        under = descendants([pids[0]]) - {pids[0]}
         os.kill(pids[0], signal.SIGKILL)
+        for pid in under:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return pids[0]
 
     def restart_worker(self, timeout: float = 180) -> str:

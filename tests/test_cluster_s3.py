@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import SRD_PIPELINE  # noqa: E402
-from loopback_cluster import BIN, REPO, LoopbackCluster, kill_processes  # noqa: E402
+from loopback_cluster import BIN, REPO, LoopbackCluster, _alive, kill_processes  # noqa: E402
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
@@ -52,6 +52,14 @@ FAULT = {
     "train": {"method": "pgd_at", "epochs": 3, "batch_size": 32, "lr": 0.1, "eps": 0.1, "attack_steps": 4,
               "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "max_failures": 3},
 }
+
+
+def _process_alive(pid: int, wait: float = 5.0) -> bool:
+    """Whether `pid` still runs `wait` seconds after a SIGKILL was sent to it (a zombie counts as gone)."""
+    deadline = time.time() + wait
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return _alive(pid)
 
 
 def _write_config(path: Path, raw: dict) -> Path:
@@ -399,6 +407,9 @@ def test_c_worker_node_killed_in_epoch_2_resumes_from_s3_and_matches_an_undistur
     before = sorted(k for k in s3_server.keys(bucket, prefix + "/pgd_at/checkpoints/") if k.endswith(".pt"))
     old_worker = cluster.worker_node_id
     killed = cluster.kill_worker_raylet()
+    # rank 1 trained on the lost node: its process went with it (a surviving orphan would finish the run undisturbed)
+    rank1 = next(r for r in seen if r["rank"] == 1)
+    assert rank1["node_id"] == old_worker and not _process_alive(rank1["pid"]), rank1
     new_worker = cluster.restart_worker()
     try:
         job.wait(timeout=600)
