@@ -119,6 +119,56 @@ class ModelConfig:
     name: str = "small_cnn"  # model registry name (see `rayrobust.models.MODELS`)
 
 
+def _check_method_args(raw: Any) -> Dict[str, Dict[str, Any]]:
+    """train.method_args validated: registered method names, each entry that method's settings (unknown keys and
+    bad values are one-line ConfigErrors); returns the entries with their values coerced to the declared types."""
+    from .methods.base import METHODS, method_settings
+
+    _check(isinstance(raw, dict), f"train.method_args must map method names to their settings, e.g. "
+                                  f"{{drp: {{margin: 0.5}}}}; got {raw!r}")
+    out = {}
+    for name, values in raw.items():
+        if name not in METHODS.names():
+            raise _unknown_key(f"train.method_args.{name}", METHODS.names(), "train.method_args (method names)")
+        settings = method_settings(name, values)
+        out[name] = {k: getattr(settings, k) for k in (values or {})}
+    return out
+
+
+# Flat train keys of earlier versions -> where they live now: ((method, setting), ...). Read from old configs and
+# checkpoints (`migrate_train_dict`); new configs write train.method_args.<method>.<setting>.
+LEGACY_TRAIN_KEYS: Dict[str, tuple] = {
+    "trades_beta": (("trades", "beta"),),
+    "repulsion_margin": (("drp", "margin"), ("drp_at", "margin")),
+    "drp_beta": (("drp", "beta"), ("drp_at", "beta")),
+    "drp_dim": (("drp", "dim"), ("drp_at", "dim")),
+    "spat_weights": (("spat", "weights"),),
+    "spat_w_min": (("spat", "w_min"),),
+    "clustr_k": (("clustr", "k"), ("clustr_qtrades", "k")),
+    "clustr_alpha": (("clustr", "alpha"), ("clustr_qtrades", "alpha")),
+    "qtrades_weight": (("clustr_qtrades", "weight"),),
+    "saturation_scale": (("saturated", "scale"),),
+    "srd_lambda": (("srd", "latent_weight"),),
+    "srd_fista_iters": (("srd", "fista_iters"),),
+}
+
+
+def migrate_train_dict(train: Dict[str, Any]) -> Dict[str, Any]:
+    """A train section with the flat per-method keys of earlier versions moved into `method_args` (an entry
+    given there already wins); other keys are left as they are."""
+    legacy = [k for k in train if k in LEGACY_TRAIN_KEYS]
+    if not legacy:
+        return train
+    train = dict(train)
+    args = {m: dict(v or {}) for m, v in (train.get("method_args") or {}).items()}
+    for key in legacy:
+        value = train.pop(key)
+        for method, setting in LEGACY_TRAIN_KEYS[key]:
+            args.setdefault(method, {}).setdefault(setting, value)
+    train["method_args"] = args
+    return train
+
+
 @dataclass
 class TrainConfig:
     method: str = "pgd_at"  # method registry name (see `rayrobust.methods.METHODS`)
@@ -137,7 +187,6 @@ class TrainConfig:
     early_stopping: bool = False
     attack_steps: int = 7  # PGD steps for pgd_at / trades (step 2.5*eps/steps)
     attack_step: Optional[float] = None  # pgd_at / trades PGD step size in [0,1] pixel units (None = 2.5*eps/attack_steps)
-    trades_beta: float = 6.0  # TRADES KL weight
     num_workers: int = 1  # Ray Train workers
     use_gpu: Optional[bool] = None  # None = use GPUs when the cluster has them
     cpus_per_worker: int = 1  # CPUs reserved per worker; torch uses this many threads
@@ -146,17 +195,9 @@ class TrainConfig:
     max_failures: int = 2  # Ray Train restarts the run from the latest checkpoint this many times
     val_pgd_steps: int = 10  # PGD steps of the per-epoch validation attack
     seed: int = 0
-    repulsion_margin: float = 0.5  # DRP margin m between the true and every wrong prototype distance (Tune: 0.05..2, log)
-    drp_beta: float = 1.0  # DRP weight of the repulsion-margin term
-    drp_dim: int = 100  # DRP prototype dimension D (the model's output width); >= classes - 1
-    spat_weights: str = "fisher"  # SPAT shared-pixel weight map: fisher (data-level) or saliency (per sample)
-    spat_w_min: float = 0.5  # SPAT budget fraction of the most class-specific pixels, in (0, 1]
-    clustr_k: int = 2  # ClusTR clusters per class (per-class k-means of the training latents, refreshed every epoch; Tune: 1..10)
-    clustr_alpha: float = 12.5  # ClusTR Magnet-loss margin alpha (12.5 in the released code), >= 0
-    qtrades_weight: float = 8.0  # clustr_qtrades weight lambda of CE(p_clean, p(x_adv)) (8 in the released code), >= 0
-    saturation_scale: float = 1000.0  # `saturated` control only: decision logits x this factor (gradient masking on purpose)
-    srd_lambda: float = 0.1  # SRD weight of the latent constraint (1/d)||(g_f(x_adv) - mu_k*)/sigma_k*||^2, >= 0
-    srd_fista_iters: Optional[int] = None  # SRD purifier FISTA iterations, deployed and attacked (None = the dictionaries')
+    # Each method's own settings, by method name (e.g. {drp: {margin: 0.5}, clustr: {k: 2}}): the fields of that
+    # method's Settings dataclass (docs/methods.md lists them); a method without an entry uses its defaults.
+    method_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs} must be >= 1")
@@ -176,18 +217,7 @@ class TrainConfig:
         _check(self.cpus_per_worker >= 1, f"train.cpus_per_worker={self.cpus_per_worker} must be >= 1")
         _check(self.max_failures >= 0, f"train.max_failures={self.max_failures} must be >= 0")
         _check(self.batch_size >= self.num_workers, f"train.batch_size={self.batch_size} must be >= train.num_workers={self.num_workers}")
-        _check(self.repulsion_margin > 0, f"train.repulsion_margin={self.repulsion_margin} must be > 0 (DRP margin; e.g. 0.5)")
-        _check(self.drp_beta >= 0, f"train.drp_beta={self.drp_beta} must be >= 0")
-        _check(self.drp_dim >= 1, f"train.drp_dim={self.drp_dim} must be >= 1 (100 for 10 classes)")
-        _check(self.spat_weights in ("fisher", "saliency"), f"train.spat_weights={self.spat_weights!r} must be 'fisher' or 'saliency'")
-        _check(0 < self.spat_w_min <= 1, f"train.spat_w_min={self.spat_w_min} must be in (0, 1] (e.g. 0.5)")
-        _check(self.clustr_k >= 1, f"train.clustr_k={self.clustr_k} must be >= 1 (ClusTR clusters per class; e.g. 2)")
-        _check(self.clustr_alpha >= 0, f"train.clustr_alpha={self.clustr_alpha} must be >= 0 (Magnet-loss margin; e.g. 12.5)")
-        _check(self.qtrades_weight >= 0, f"train.qtrades_weight={self.qtrades_weight} must be >= 0 (QTRADES weight; e.g. 8)")
-        _check(self.saturation_scale > 0, f"train.saturation_scale={self.saturation_scale} must be > 0 (e.g. 1000)")
-        _check(self.srd_lambda >= 0, f"train.srd_lambda={self.srd_lambda} must be >= 0 (SRD latent-constraint weight; e.g. 0.1)")
-        _check(self.srd_fista_iters is None or self.srd_fista_iters >= 1,
-               f"train.srd_fista_iters={self.srd_fista_iters} must be >= 1, or null for the dictionaries' count")
+        self.method_args = _check_method_args(self.method_args)
 
 
 @dataclass
@@ -263,8 +293,10 @@ class ExperimentConfig:
                 _check(name in SECTIONS, f"method_overrides.{method}.{name}: unknown section; sections are: "
                                          f"{', '.join(SECTIONS)}")
                 for key in values:
-                    if key not in _valid_keys(SECTIONS[name]):
+                    if key not in _valid_keys(SECTIONS[name]) and not (name == "train" and key in LEGACY_TRAIN_KEYS):
                         raise _unknown_key(f"method_overrides.{method}.{name}.{key}", _valid_keys(SECTIONS[name]), name)
+                if name == "train":  # each method's settings are checked when the config is read, not when used
+                    _check_method_args(migrate_train_dict(dict(values)).get("method_args") or {})
         from .location import check_syntax
 
         check_syntax(self.run_dir)
@@ -300,6 +332,10 @@ class ExperimentConfig:
         raw = self.to_dict()
         raw["train"]["method"] = method
         for name, values in self.method_overrides.get(method, {}).items():
+            if name == "train":  # method_args merge per method and setting
+                values = migrate_train_dict(dict(values))
+                for m, settings in (values.pop("method_args", None) or {}).items():
+                    raw["train"]["method_args"].setdefault(m, {}).update(settings or {})
             raw[name].update(values)
         return config_from_dict(raw)
 
@@ -321,14 +357,15 @@ def _unknown_key(key: str, valid: List[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}; valid keys in {where}: {', '.join(valid)}")
 
 
-def _coerce(cls, key: str, value: Any) -> Any:
+def coerce_field(cls, key: str, value: Any, where: Optional[str] = None) -> Any:
     """Coerce a YAML/CLI value to the dataclass field's declared type, with a clear error."""
     hint = get_type_hints(cls)[key]
     text = str(hint)
+    where = where or cls.__name__.replace('Config', '').lower()
     if value is None:
         if "Optional" in text or "None" in text:
             return None
-        raise ConfigError(f"{cls.__name__.replace('Config', '').lower()}.{key} cannot be null")
+        raise ConfigError(f"{where}.{key} cannot be null")
     try:
         if hint is bool or text.endswith("Optional[bool]") or "bool" in text and "int" not in text:
             if isinstance(value, str):
@@ -357,7 +394,7 @@ def _coerce(cls, key: str, value: Any) -> Any:
             return [str(v) for v in value]
         return value if not isinstance(value, (int, float)) or hint is not str else str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {text}") from None
+        raise ConfigError(f"config key {where + '.' + key!r}: cannot read {value!r} as {text}") from None
 
 
 def _build(cls, raw: Dict[str, Any], where: str):
@@ -366,7 +403,7 @@ def _build(cls, raw: Dict[str, Any], where: str):
     for key, value in raw.items():
         if key not in valid:
             raise _unknown_key(f"{where}.{key}" if where else key, valid, where or "the top level")
-        kwargs[key] = _coerce(cls, key, value)
+        kwargs[key] = coerce_field(cls, key, value)
     return cls(**kwargs)
 
 
@@ -377,13 +414,15 @@ def config_from_dict(raw: Dict[str, Any]) -> ExperimentConfig:
         sub = raw.pop(name, None) or {}
         if not isinstance(sub, dict):
             raise ConfigError(f"config section {name!r} must be a mapping, got {sub!r}")
+        if cls is TrainConfig:
+            sub = migrate_train_dict(sub)
         sections[name] = _build(cls, sub, name)
     top_valid = [f.name for f in fields(ExperimentConfig) if f.name not in SECTIONS]
     top = {}
     for key, value in raw.items():
         if key not in top_valid:
             raise _unknown_key(key, top_valid + list(SECTIONS), "the top level")
-        top[key] = _coerce(ExperimentConfig, key, value)
+        top[key] = coerce_field(ExperimentConfig, key, value)
     return ExperimentConfig(**top, **sections)
 
 
@@ -398,7 +437,10 @@ def _set_dotted(raw: Dict[str, Any], key: str, value: Any) -> None:
                 parts = [owners[0], key]
             elif len(owners) > 1:
                 raise ConfigError(f"config key {key!r} is ambiguous; write one of: {', '.join(f'{o}.{key}' for o in owners)}")
-    if len(parts) > 2 or (len(parts) == 2 and parts[0] not in SECTIONS):
+        if key in LEGACY_TRAIN_KEYS:  # a per-method setting under its earlier flat name
+            parts = ["train", key]
+    deep = len(parts) in (3, 4) and parts[:2] == ["train", "method_args"]  # train.method_args.<method>[.<setting>]
+    if not deep and (len(parts) > 2 or (len(parts) == 2 and parts[0] not in SECTIONS)):
         raise ConfigError(f"unknown config key {key!r}; sections are: {', '.join(SECTIONS)}")
     node = raw
     for p in parts[:-1]:

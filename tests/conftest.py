@@ -215,7 +215,7 @@ SRD_PIPELINE = {
     "model": {"name": "small_cnn"},
     # 2 Ray Train workers of 1 CPU each: on a 1 + 1 CPU cluster, one per node
     "train": {"method": "standard", "epochs": 1, "batch_size": 64, "lr": 0.05, "eps": 0.1, "attack_steps": 2,
-              "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "srd_lambda": 0.1},
+              "num_workers": 2, "cpus_per_worker": 1, "val_pgd_steps": 2, "method_args": {"srd": {"latent_weight": 0.1}}},
     "semantic": SRD_SEMANTIC,
     # AutoAttack through the purifier is query-bound (Square's 5000 queries per chunk with a robust point):
     # 10 images in 2 chunks of 5, one per AutoAttack actor.

@@ -14,7 +14,7 @@ from conftest import loss_before_after, tiny_config
 from rayrobust.certify import (CertificateError, certificate_attack, certify, certify_checkpoint, latent_radii,
                                layer_bound, lipschitz_bound, operator_norm)
 from rayrobust.errors import ConfigError
-from rayrobust.methods import create_method
+from rayrobust.methods import create_method, method_kwargs
 from rayrobust.methods.clustr import ClusterLogits
 from rayrobust.models import create_model
 from rayrobust.train.loop import Split, make_optimizer, train_epoch
@@ -46,23 +46,32 @@ def trained(digits, one_thread):
 # --------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("key,value", [("clustr_k", 0), ("clustr_alpha", -1.0), ("qtrades_weight", -0.5)])
+@pytest.mark.parametrize("key,value", [("k", 0), ("k", 2.5), ("alpha", -1.0), ("weight", -0.5)])
 def test_bad_values_are_config_errors(tmp_path, key, value):
-    with pytest.raises(ConfigError, match=f"train.{key}"):
-        tiny_config(tmp_path, train={key: value})
     name = "clustr_qtrades"
-    with pytest.raises(ConfigError, match=f"train.{key}"):
+    with pytest.raises(ConfigError, match=rf"^train.method_args.{name}.{key}={value!r}.* must be|"
+                                          rf"^config key 'train.method_args.{name}.{key}': cannot read"):
+        tiny_config(tmp_path, train={"method_args": {name: {key: value}}})
+    with pytest.raises(ConfigError, match=f"train.method_args.{name}.{key}"):
         create_method(name, **{key: value})
+
+
+def test_earlier_flat_keys_still_reach_the_settings(tmp_path):
+    """A config or checkpoint of an earlier version (train.clustr_k, ...) reads into train.method_args."""
+    cfg = tiny_config(tmp_path, train={"clustr_k": 3, "qtrades_weight": 4.0})
+    assert cfg.train.method_args == {"clustr": {"k": 3}, "clustr_qtrades": {"k": 3, "weight": 4.0}}
+    method = create_method("clustr_qtrades", num_classes=10, **method_kwargs(cfg.for_method("clustr_qtrades").train))
+    assert (method.k, method.weight) == (3, 4.0)
 
 
 def test_no_clusters_and_too_few_images_are_clear_errors(digits, one_thread):
     train, _ = digits
     model = _model(train)
-    method = create_method("clustr", num_classes=10, clustr_k=2)
+    method = create_method("clustr", num_classes=10, k=2)
     with pytest.raises(ConfigError, match="begin_epoch"):
         method.decision(model)
-    big = create_method("clustr", num_classes=10, clustr_k=500)
-    with pytest.raises(ConfigError, match="fewer than train.clustr_k=500"):
+    big = create_method("clustr", num_classes=10, k=500)
+    with pytest.raises(ConfigError, match=r"fewer than k=500 clusters per class; lower train.method_args.clustr.k"):
         big.begin_epoch(model, train.x, train.y, 0)
 
 
@@ -97,7 +106,7 @@ def test_magnet_loss_matches_its_definition():
     r = torch.randn(12, 3, generator=g)
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2])
     centroids = torch.randn(6, 3, generator=g) * 2  # 3 classes x K=2; some clusters get no batch member
-    method = create_method("clustr", clustr_alpha=1.0)
+    method = create_method("clustr", alpha=1.0)
     method.load_state_dict({"centroids": centroids, "cluster_class": torch.arange(3).repeat_interleave(2),
                             "sigma2": torch.tensor(1.0)})
     loss, _ = method.magnet_loss(r, y)

@@ -16,7 +16,7 @@ from rayrobust.models import create_model
 
 from conftest import loss_before_after, tiny_config
 
-DEFENSES = [("drp", {}), ("drp_at", {}), ("spat", {"spat_weights": "fisher"}), ("spat", {"spat_weights": "saliency"})]
+DEFENSES = [("drp", {}), ("drp_at", {}), ("spat", {"weights": "fisher"}), ("spat", {"weights": "saliency"})]
 
 
 def _setup(name, opts, digits, seed=0):
@@ -31,7 +31,7 @@ def _setup(name, opts, digits, seed=0):
 def test_registry_and_output_dims():
     assert {"drp", "drp_at", "spat"} <= set(METHODS.names())
     assert create_method("drp", num_classes=10).output_dim(10) == 100
-    assert create_method("drp", num_classes=10, drp_dim=16).output_dim(10) == 16
+    assert create_method("drp", num_classes=10, dim=16).output_dim(10) == 16
     assert create_method("spat").output_dim(10) == 10 and create_method("pgd_at").output_dim(10) == 10
 
 
@@ -93,7 +93,7 @@ def test_decision_is_attackable_logits(name, opts, digits, one_thread):
 
 
 def test_drp_loss_matches_its_definition():
-    method = create_method("drp", num_classes=4, drp_dim=8, repulsion_margin=0.3, drp_beta=2.0)
+    method = create_method("drp", num_classes=4, dim=8, margin=0.3, beta=2.0)
     torch.manual_seed(0)
     out, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 0])
     loss, logits = method.prototype_loss(out, y)
@@ -123,7 +123,7 @@ def test_spat_fisher_map_budgets_shared_pixels(digits):
 
 def test_spat_attack_shapes_training_budget(digits, one_thread):
     train, _ = digits
-    method, model = _setup("spat", {"spat_weights": "fisher", "spat_w_min": 0.1}, digits)
+    method, model = _setup("spat", {"weights": "fisher", "w_min": 0.1}, digits)
     w = method.state_dict()["weight"]
     assert w.shape == (1, *train.x.shape[1:])
     from rayrobust.methods.perturb import ce_objective, linf_pgd
@@ -152,34 +152,48 @@ def test_spat_fisher_needs_fit():
 
 @pytest.mark.parametrize("margin", [0.0, -0.5])
 def test_nonpositive_margin_is_a_clear_error(margin, tmp_path):
-    with pytest.raises(ConfigError, match="repulsion_margin.*> 0"):
-        create_method("drp", num_classes=10, repulsion_margin=margin)
-    with pytest.raises(ConfigError, match="train.repulsion_margin.*> 0"):
+    with pytest.raises(ConfigError, match=r"^train.method_args.drp.margin=.* must be > 0"):
+        create_method("drp", num_classes=10, margin=margin)
+    with pytest.raises(ConfigError, match=r"^train.method_args.drp.margin=.* must be > 0"):
+        tiny_config(tmp_path, train={"method": "drp", "method_args": {"drp": {"margin": margin}}})
+    with pytest.raises(ConfigError, match=r"^train.method_args.drp.margin=.* must be > 0"):  # the earlier flat key
         tiny_config(tmp_path, train={"method": "drp", "repulsion_margin": margin})
 
 
-@pytest.mark.parametrize("train, match", [
-    ({"spat_weights": "pixels"}, "spat_weights"), ({"spat_w_min": 0.0}, "spat_w_min"),
-    ({"spat_w_min": 1.5}, "spat_w_min"), ({"drp_beta": -1}, "drp_beta"),
+@pytest.mark.parametrize("method, settings, match", [
+    ("spat", {"weights": "pixels"}, r"^train.method_args.spat.weights='pixels' must be one of: fisher, saliency$"),
+    ("spat", {"w_min": 0.0}, r"^train.method_args.spat.w_min=0.0 must be in \(0, 1\]"),
+    ("spat", {"w_min": 1.5}, r"^train.method_args.spat.w_min=1.5 must be in \(0, 1\]"),
+    ("drp", {"beta": -1}, r"^train.method_args.drp.beta=-1.0 must be >= 0"),
+    ("drp", {"margn": 0.3}, r"^unknown config key 'train.method_args.drp.margn' \(did you mean 'margin'\?\); "
+                            r"valid keys in train.method_args.drp: margin, beta, dim, scale$"),
+    ("dpr", {"margin": 0.3}, r"^unknown config key 'train.method_args.dpr' \(did you mean 'drp'\?\)"),
+    ("pgd_at", {"beta": 6}, r"^unknown config key 'train.method_args.pgd_at.beta'; valid keys in "
+                             r"train.method_args.pgd_at: none: pgd_at has no settings of its own$"),
 ])
-def test_bad_defense_options_rejected(train, match):
+def test_bad_defense_options_rejected(method, settings, match):
+    """A mistyped setting is an error that names it, the valid ones and the closest, never silently ignored."""
     with pytest.raises(ConfigError, match=match):
-        config_from_dict({"train": train})
-    opts = {k: v for k, v in train.items() if k.startswith("spat")}
-    if opts:
+        config_from_dict({"train": {"method_args": {method: settings}}})
+    if method in METHODS.names():
         with pytest.raises(ConfigError, match=match):
-            create_method("spat", **opts)
+            create_method(method, **settings)
 
 
-def test_method_kwargs_pass_every_train_field():
-    tc = TrainConfig(method="drp_at", repulsion_margin=0.3, drp_beta=0.5, attack_steps=4, eps=0.2, spat_w_min=0.7)
+def test_method_kwargs_give_the_method_its_own_settings_and_the_common_arguments():
+    tc = TrainConfig(method="drp_at", attack_steps=4, eps=0.2,
+                     method_args={"drp_at": {"margin": 0.3, "beta": 0.5}, "spat": {"w_min": 0.7}})
     kw = method_kwargs(tc)
-    assert kw["steps"] == 4 and kw["beta"] == tc.trades_beta and "method" not in kw
+    assert kw == {"seed": 0, "eps": 0.2, "steps": 4, "norm": "Linf", "attack_step": None,
+                  "settings": {"margin": 0.3, "beta": 0.5}}
     assert method_kwargs(tc.__dict__) == kw  # a checkpoint's config dict gives the same options
     drp = create_method(tc.method, num_classes=10, **kw)
     assert (drp.margin, drp.beta, drp.eps, drp.steps) == (0.3, 0.5, 0.2, 4)
-    assert create_method("spat", **kw).w_min == 0.7
-    assert create_method("trades", **kw).beta == tc.trades_beta  # the baselines still read their options
+    spat = create_method("spat", **method_kwargs(TrainConfig(method="spat", method_args=tc.method_args)))
+    assert spat.w_min == 0.7 and spat.eps == 0.1
+    # a checkpoint written by an earlier version (flat keys) rebuilds the same method
+    old = {**{k: v for k, v in tc.__dict__.items() if k != "method_args"}, "repulsion_margin": 0.3, "drp_beta": 0.5}
+    assert method_kwargs(old) == kw
 
 
 @pytest.mark.parametrize("path, methods", [("configs/drp.yaml", ["drp", "drp_at"]), ("configs/spat.yaml", ["spat"])])

@@ -150,7 +150,7 @@ def make_purifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> P
 
 def clustr_method(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     """A ClusTR method whose clusters (one per class) are the class means of the latents, computed on the CPU."""
-    method = create_method("clustr", num_classes=10, clustr_k=1)
+    method = create_method("clustr", num_classes=10, k=1)
     with torch.no_grad():
         z = model.forward_features(x)
     centroids = torch.stack([z[y == c].mean(0) for c in range(10)])

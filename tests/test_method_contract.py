@@ -67,3 +67,40 @@ def test_method_contract(name, srd_core):  # noqa: F811
         second.begin_epoch(model, x, y, 2)
         s1, s2 = first.state_dict(), second.state_dict()
         assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def _documented_settings() -> dict:
+    """method -> the setting names of its row in docs/methods.md's settings table (§0.1)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    rows = {}
+    for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \| [^|]* \|$", text, re.M):
+        rows[m.group(1)] = [] if m.group(2).strip() == "none" else re.findall(r"`(\w+)` =", m.group(2))
+    return rows
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_settings_contract(name):
+    """Its own settings are a validated MethodSettings dataclass, documented; the constructor takes them and
+    only common arguments; a mistyped key is an error that names the valid ones."""
+    import dataclasses
+    import inspect
+
+    from rayrobust.errors import ConfigError
+    from rayrobust.methods.base import COMMON_ARGS, MethodSettings
+
+    cls = METHODS.get(name)
+    assert dataclasses.is_dataclass(cls.Settings) and issubclass(cls.Settings, MethodSettings)
+    names = [f.name for f in dataclasses.fields(cls.Settings)]
+    params = inspect.signature(cls.__init__).parameters
+    assert list(params)[:2] == ["self", "settings"], list(params)
+    others = {p: v for p, v in params.items() if p not in ("self", "settings")}
+    assert set(others) <= set(COMMON_ARGS) and all(v.kind is v.KEYWORD_ONLY for v in others.values()), others
+    assert not any(v.kind is v.VAR_KEYWORD for v in params.values())  # nothing is swallowed
+    method = create_method(name)  # every setting has a default
+    assert isinstance(method.settings, cls.Settings)
+    with pytest.raises(ConfigError, match=rf"^unknown config key 'train.method_args.{name}.not_a_setting'"):
+        create_method(name, not_a_setting=1)
+    assert _documented_settings().get(name) == names, f"docs/methods.md §0.1 lists {name}'s settings as {names}"

@@ -41,7 +41,7 @@ def test_cifar_configs_are_the_published_pgd_at_recipe(name):
 
 def test_trades_and_l2_recipes():
     trades = load_config(REPO / "configs" / "cifar10_trades.yaml")
-    assert trades.train.method == "trades" and trades.train.trades_beta == 6.0 and trades.methods == ["trades"]
+    assert trades.train.method == "trades" and trades.train.method_args == {"trades": {"beta": 6.0}} and trades.methods == ["trades"]
     assert trades.train.eps == pytest.approx(8 / 255, abs=1e-6) and trades.data.augment
     assert "Zhang" in (REPO / "configs" / "cifar10_trades.yaml").read_text()
     l2 = load_config(REPO / "configs" / "cifar10_l2.yaml")

@@ -55,7 +55,7 @@ def _method(state, **kw):
 
 def test_loss_and_latent_constraint_decrease(srd_core):
     model = copy.deepcopy(srd_core["model"])
-    method = _method(srd_core["state"], srd_lambda=1.0)
+    method = _method(srd_core["state"], latent_weight=1.0)
     x, y = srd_core["train"].x[:128], srd_core["train"].y[:128]
     opt = make_optimizer(model, 0.05, 0.9, 0.0)
     torch.manual_seed(0)
@@ -99,9 +99,9 @@ def test_decision_is_purify_then_classify_deterministic_with_gradients(srd_core)
     xg = x.clone().requires_grad_(True)
     F.cross_entropy(decision(xg), y).backward()
     assert (xg.grad.flatten(1).abs().sum(1) > 0).all() and torch.isfinite(xg.grad).all()
-    # the deployed purifier's FISTA count is the state's (srd_fista_iters overrides it in the state itself)
+    # the deployed purifier's FISTA count is the state's (fista_iters overrides it in the state itself)
     assert decision.purifier.fista_iters == PARAMS.fista_iters
-    assert _method(srd_core["state"], srd_fista_iters=3).decision(model).purifier.fista_iters == 3
+    assert _method(srd_core["state"], fista_iters=3).decision(model).purifier.fista_iters == 3
 
 
 def test_bpda_backward_is_the_identity_through_the_purifier(srd_core):
@@ -133,10 +133,10 @@ def test_eot_with_a_deterministic_purifier_changes_nothing(srd_core):
 
 
 def test_bad_srd_settings_are_config_errors(srd_core, tmp_path):
-    with pytest.raises(ConfigError, match=r"train.srd_lambda=-0.5 must be >= 0"):
-        tiny_config(tmp_path, train={"method": "srd", "srd_lambda": -0.5})
-    with pytest.raises(ConfigError, match=r"srd_lambda=-1"):
-        create_method("srd", srd_lambda=-1)
+    with pytest.raises(ConfigError, match=r"^train.method_args.srd.latent_weight=-0.5 must be >= 0"):
+        tiny_config(tmp_path, train={"method": "srd", "method_args": {"srd": {"latent_weight": -0.5}}})
+    with pytest.raises(ConfigError, match=r"^train.method_args.srd.latent_weight=-1.0 must be >= 0"):
+        create_method("srd", latent_weight=-1)
     with pytest.raises(ConfigError, match=r"eval.eot_samples=0"):
         tiny_config(tmp_path, eval={"eot_samples": 0})
     bare = create_method("srd")

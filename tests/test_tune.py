@@ -342,6 +342,27 @@ def test_asha_stops_trials_which_free_their_workers(ray_cluster, s3_server):
     assert ray.available_resources().get("CPU") == total, (ray.available_resources(), total)
 
 
+def test_a_restarted_trial_drops_the_stop_file_of_its_earlier_run(tmp_path, monkeypatch):
+    """A trial set up again (a search resumed after its driver stopped) must not end at once on the stop file
+    that Tune's stop of its earlier run left; it trains with a fresh stop file path."""
+    import rayrobust.train
+    from rayrobust.tune import trial as trial_module
+
+    seen = []
+    monkeypatch.setattr(rayrobust.train, "fit", lambda cfg, tdir, stop=None: seen.append((tdir, stop.exists())))
+    monkeypatch.setattr(trial_module, "validation_subset", lambda cfg: (None, None))
+    base = config_from_dict(_raw(tmp_path, {"space": {"train_eps": {"low": 0.5, "high": 1.5}}})).to_dict()
+    stale = tmp_path / "trials" / "default" / trial_module.STOP_FILE
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"trial_id": "default", "after_epoch": 1}))
+    trial = trial_module.Trial.__new__(trial_module.Trial)
+    trial._trial_info = None  # outside Tune: the trial id is "default"
+    trial.setup({"train_eps": 1.0}, base=base, run_dir=str(tmp_path))
+    trial.worker.join(30)
+    assert seen and seen[0][1] is False and not stale.exists(), seen
+    assert json.loads((stale.parent / "params.json").read_text())["params"] == {"train_eps": 1.0}
+
+
 def test_bad_run_locations_are_one_line_errors_and_write_nothing(s3_server, tmp_path, capsys):
     from rayrobust.cli import main
 
@@ -437,8 +458,17 @@ def test_apply_params_maps_every_knob():
     from rayrobust.tune.trial import apply_params
 
     base = load_config(None, ["eval.eps=0.2"]).to_dict()
-    cfg = apply_params(base, {"n_clusters": 4, "repulsion_margin": 0.3, "train_eps": 1.5, "method": "drp"})
-    assert cfg.semantic.k_max == 4 and cfg.train.repulsion_margin == 0.3 and cfg.train.method == "drp"
+    cfg = apply_params(base, {"n_clusters": 4, "repulsion_margin": 0.3, "train_eps": 1.5, "method": "drp_at"})
+    # each knob lands in the trial's own method's settings (and only where that method has the setting)
+    assert cfg.semantic.k_max == 4 and cfg.train.method == "drp_at"
+    assert cfg.train.method_args == {"drp_at": {"margin": 0.3}}
     assert cfg.train.eps == pytest.approx(0.3)
-    if hasattr(cfg.train, "clustr_k"):
-        assert cfg.train.clustr_k == 4
+    cfg = apply_params(base, {"n_clusters": 4, "method": "clustr"})
+    assert cfg.train.method_args == {"clustr": {"k": 4}} and cfg.semantic.k_max == 4
+    cfg = apply_params(base, {"n_clusters": 3, "method": "srd"})  # SRD's K is the semantic stage's K_max
+    assert cfg.train.method_args == {} and cfg.semantic.k_max == 3
+    # the trial's method comes from the base config when the search does not choose it
+    cfg = apply_params(load_config(None, ["train.method=drp"]).to_dict(), {"repulsion_margin": 0.7})
+    assert cfg.train.method_args == {"drp": {"margin": 0.7}}
+    with pytest.raises(ConfigError, match="unknown search parameter 'margin'; valid parameters: n_clusters"):
+        apply_params(base, {"margin": 0.3})

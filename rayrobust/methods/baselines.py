@@ -1,13 +1,14 @@
 """Baselines every claim is measured against (docs/methods.md §0.2): standard, PGD-AT, TRADES, FGSM-RS."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import METHODS, Method
+from .base import METHODS, Method, MethodSettings
 from .perturb import attack_mode, ce_objective, check_train_budget, kl_objective, train_pgd
 
 
@@ -19,8 +20,9 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Adversarial(Method):
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, norm: str = "Linf", attack_step: Optional[float] = None,
-                 **_):
+    def __init__(self, settings: Optional[MethodSettings] = None, *, eps: float = 0.1, steps: int = 7,
+                 norm: str = "Linf", attack_step: Optional[float] = None):
+        self.settings = settings if settings is not None else self.Settings()
         check_train_budget(eps, norm)
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
@@ -39,8 +41,8 @@ class Standard(Method):
 
     name = "standard"
 
-    def __init__(self, **_):
-        pass
+    def __init__(self, settings: Optional[MethodSettings] = None):
+        self.settings = settings if settings is not None else self.Settings()
 
     def loss(self, model, x, y):
         logits = model(x)
@@ -62,18 +64,26 @@ class PGDAT(_Adversarial):
         return loss, {"train_adv_acc": _accuracy(logits, y)}
 
 
+@dataclass
+class TRADESSettings(MethodSettings):
+    beta: float = 6.0  # weight of the KL term (Zhang et al.: 6)
+
+    def __post_init__(self) -> None:
+        if not self.beta >= 0:
+            raise ConfigError(f"beta={self.beta} must be >= 0 (the KL weight; 6 in Zhang et al.)")
+
+
 @METHODS.register("trades")
 class TRADES(_Adversarial):
     """Zhang et al. 2019: CE(clean) + beta * KL(p(x) || p(x_adv)), x_adv from k-step PGD on the KL."""
 
     name = "trades"
+    Settings = TRADESSettings
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, beta: float = 6.0, norm: str = "Linf",
-                 attack_step: Optional[float] = None, **_):
-        super().__init__(eps=eps, steps=steps, norm=norm, attack_step=attack_step)
-        if beta < 0:
-            raise ConfigError(f"trades beta={beta} must be >= 0")
-        self.beta = beta
+    def __init__(self, settings: Optional[TRADESSettings] = None, *, eps: float = 0.1, steps: int = 7,
+                 norm: str = "Linf", attack_step: Optional[float] = None):
+        super().__init__(settings, eps=eps, steps=steps, norm=norm, attack_step=attack_step)
+        self.beta = float(self.settings.beta)
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:
@@ -95,8 +105,8 @@ class FGSMRS(_Adversarial):
 
     name = "fgsm_rs"
 
-    def __init__(self, eps: float = 0.1, norm: str = "Linf", **_):
-        super().__init__(eps=eps, steps=1, norm=norm)
+    def __init__(self, settings: Optional[MethodSettings] = None, *, eps: float = 0.1, norm: str = "Linf"):
+        super().__init__(settings, eps=eps, steps=1, norm=norm)
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:

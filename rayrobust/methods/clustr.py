@@ -1,6 +1,6 @@
 """ClusTR — clustering training (docs/methods.md §2; after Alfarra et al., Magnet loss of Rippel et al. 2016).
 
-The latent r = model.forward_features(x) is clustered per class (K = `clustr_k` clusters per class,
+The latent r = model.forward_features(x) is clustered per class (K = `train.method_args.clustr.k` clusters per class,
 k-means on the training latents), and the model is trained with the Magnet loss so that every
 latent sits near a cluster of its own class and far from the clusters of other classes. The model's
 head is unused: the decision is the nearest cluster.
@@ -16,14 +16,14 @@ head is unused: the decision is the nearest cluster.
   (our choice: assignment by the current latent, since batches carry no dataset indices);
   μ_k = mean of the batch members of cluster k (with gradient), σ² = Σ_n ‖r_n − μ(r_n)‖² / (N − 1),
   ℓ_n = max(0, ‖r_n − μ(r_n)‖²/(2σ²) + α + log Σ_{k: class(k) ≠ y_n} exp(−‖r_n − μ_k‖²/(2σ²))),
-  α = `clustr_alpha` (12.5 in the released code). A cluster with no member in the batch uses its
+  α = `alpha` (12.5 in the released code). A cluster with no member in the batch uses its
   stored centroid (constant) — our choice. Batches are the training loop's plain random batches,
   not the paper's cluster-sampled ones (seed cluster + nearest impostor clusters): our choice,
   stated in docs/methods.md §2.2.
 - **Decision** (what every attack sees): `ClusterLogits`, logits_c = max_{k in class c}
   −‖f(x) − μ_k‖²/(2σ²) with the stored centroids and σ². Smooth in x, argmax = class of the nearest
   cluster. Never the released code's masked top-L scores, which mask gradients.
-- `clustr_qtrades` adds λ·CE(p_clean, p(x_adv)), λ = `qtrades_weight` (8 in the released code),
+- `clustr_qtrades` adds λ·CE(p_clean, p(x_adv)), λ = `weight` (8 in the released code),
   p = softmax of `ClusterLogits`, x_adv one signed-gradient step of 1.25·eps (the released code's
   10/255 at eps 8/255) from a uniform random start in the L∞ eps-ball, maximising KL(p_clean ‖
   p(x_adv)). As in the released code, p_clean keeps its gradient. In the loss, both p's use
@@ -39,6 +39,7 @@ The ℓ2 certificate of a ClusTR model is in `rayrobust.certify`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import METHODS, Method
+from .base import METHODS, Method, MethodSettings
 from .perturb import attack_mode, check_train_budget, kl_objective, train_pgd
 
 KMEANS_ITERS = 25  # Lloyd iterations per k-means run
@@ -112,21 +113,41 @@ def _latent(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[t
     return captured[0], out
 
 
+@dataclass
+class ClusTRSettings(MethodSettings):
+    k: int = 2  # clusters per class (per-class k-means of the training latents, refreshed every epoch; Tune: 1..10)
+    alpha: float = 12.5  # Magnet-loss margin (12.5 in the released code)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, (int, np.integer)) and not isinstance(self.k, bool) and self.k >= 1):
+            raise ConfigError(f"k={self.k!r} must be an integer >= 1 (clusters per class; ClusTR uses 2)")
+        if not self.alpha >= 0:
+            raise ConfigError(f"alpha={self.alpha} must be >= 0 (the Magnet-loss margin; 12.5 in ClusTR)")
+
+
+@dataclass
+class ClusTRQTRADESSettings(ClusTRSettings):
+    weight: float = 8.0  # λ of CE(p_clean, p(x_adv)) (8 in the released code)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.weight >= 0:
+            raise ConfigError(f"weight={self.weight} must be >= 0 (QTRADES weight λ; 8 in ClusTR)")
+
+
 @METHODS.register("clustr")
 class ClusTR(Method):
     """Magnet loss on clean data, clusters refreshed every epoch, nearest-cluster decision."""
 
     name = "clustr"
+    Settings = ClusTRSettings
     certifiable = True  # `rayrobust.certify` applies (nearest-centroid decision on forward_features)
 
-    def __init__(self, num_classes: Optional[int] = None, clustr_k: int = 2, clustr_alpha: float = 12.5,
-                 seed: int = 0, **_: Any):
-        if not (isinstance(clustr_k, (int, np.integer)) and clustr_k >= 1):
-            raise ConfigError(f"train.clustr_k={clustr_k!r} must be an integer >= 1 (clusters per class; ClusTR uses 2)")
-        if not clustr_alpha >= 0:
-            raise ConfigError(f"train.clustr_alpha={clustr_alpha} must be >= 0 (the Magnet-loss margin; 12.5 in ClusTR)")
-        self.k = int(clustr_k)
-        self.alpha = float(clustr_alpha)
+    def __init__(self, settings: Optional[ClusTRSettings] = None, *, num_classes: Optional[int] = None,
+                 seed: int = 0):
+        self.settings = settings if settings is not None else self.Settings()
+        self.k = int(self.settings.k)
+        self.alpha = float(self.settings.alpha)
         self.seed = int(seed)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.centroids: Optional[torch.Tensor] = None  # (C·K, d) float32, CPU, class-major
@@ -172,8 +193,8 @@ class ClusTR(Method):
         short = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < self.k]
         if short:
             c, n = short[0]
-            raise ConfigError(f"class {c} has {n} training image(s), fewer than train.clustr_k={self.k} clusters per "
-                              "class; lower train.clustr_k or train on more data (data.train_limit)")
+            raise ConfigError(f"class {c} has {n} training image(s), fewer than k={self.k} clusters per class; "
+                              f"lower train.method_args.{self.name}.k or train on more data (data.train_limit)")
         r = self.extract(model, x_train, device)
         if not torch.isfinite(r).all():
             raise FloatingPointError(f"{self.name}: the training latents are not finite at epoch {epoch + 1}; lower train.lr")
@@ -278,16 +299,16 @@ class ClusTRQTRADES(ClusTR):
     """ClusTR + QTRADES: Magnet loss + λ·CE(p_clean, p(x_adv)), x_adv one step from a random start."""
 
     name = "clustr_qtrades"
+    Settings = ClusTRQTRADESSettings
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, qtrades_weight: float = 8.0, norm: str = "Linf", **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(self, settings: Optional[ClusTRQTRADESSettings] = None, *, num_classes: Optional[int] = None,
+                 seed: int = 0, eps: float = 0.1, norm: str = "Linf"):
+        super().__init__(settings, num_classes=num_classes, seed=seed)
         check_train_budget(eps, norm)
         self.norm = norm
-        if not qtrades_weight >= 0:
-            raise ConfigError(f"train.qtrades_weight={qtrades_weight} must be >= 0 (QTRADES weight λ; 8 in ClusTR)")
         self.eps = float(eps)
-        self.weight = float(qtrades_weight)
+        self.weight = float(self.settings.weight)
 
     def loss(self, model, x, y):
         with attack_mode(model) as bare:

@@ -5,7 +5,7 @@ seed, to be far apart (`make_prototypes`). The model outputs D dims; with f̂ = 
 
     ‖f̂ − p_y‖ + β · Σ_{c≠y} max(0, m − (‖f̂ − p_c‖ − ‖f̂ − p_y‖))
 
-(m: `repulsion_margin`, β: `drp_beta`). The decision function, and what every attack sees, is
+(m: `margin`, β: `beta`, settings of `DRPSettings`). The decision function, and what every attack sees, is
 `PrototypeLogits`: scale · ⟨f̂, p_c⟩, smooth logits whose argmax is the nearest prototype (on the
 sphere ‖f̂ − p‖² = 2 − 2⟨f̂, p⟩), never the prototype distance alone.
 
@@ -17,6 +17,7 @@ than the prototype loss, whose hinge terms have flat regions.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import METHODS, Method
+from .base import METHODS, Method, MethodSettings
 from .perturb import attack_mode, ce_objective, check_train_budget, train_pgd
 
 
@@ -94,25 +95,38 @@ class PrototypeLogits(nn.Module):
         return self.scale * z @ self.prototypes.t()
 
 
+@dataclass
+class DRPSettings(MethodSettings):
+    margin: float = 0.5  # repulsion margin m between the true and every wrong prototype distance (Tune: 0.05..2, log)
+    beta: float = 1.0  # weight of the repulsion-margin term
+    dim: int = 100  # prototype dimension D (the model's output width); >= classes - 1
+    scale: float = 10.0  # the decision logits' scale (-scale x distance to each prototype)
+
+    def __post_init__(self) -> None:
+        if not self.margin > 0:
+            raise ConfigError(f"margin={self.margin} must be > 0 "
+                              "(the margin between the nearest wrong prototype and the true one; e.g. 0.5)")
+        if not self.beta >= 0:
+            raise ConfigError(f"beta={self.beta} must be >= 0 (weight of the repulsion-margin term; e.g. 1)")
+        if not self.dim >= 1:
+            raise ConfigError(f"dim={self.dim} must be >= 1 (100 for 10 classes)")
+        if not self.scale > 0:
+            raise ConfigError(f"scale={self.scale} must be > 0 (e.g. 10)")
+
+
 @METHODS.register("drp")
 class DRP(Method):
     """Deep repulsive prototypes, clean training."""
 
     name = "drp"
+    Settings = DRPSettings
 
-    def __init__(self, num_classes: Optional[int] = None, drp_dim: int = 100, repulsion_margin: float = 0.5,
-                 drp_beta: float = 1.0, drp_scale: float = 10.0, seed: int = 0, **_):
-        if not repulsion_margin > 0:
-            raise ConfigError(f"DRP repulsion_margin={repulsion_margin} must be > 0 "
-                              "(the margin between the nearest wrong prototype and the true one)")
-        if drp_beta < 0:
-            raise ConfigError(f"DRP drp_beta={drp_beta} must be >= 0")
-        if not drp_scale > 0:
-            raise ConfigError(f"DRP drp_scale={drp_scale} must be > 0")
-        self.dim = int(drp_dim)
-        self.margin = float(repulsion_margin)
-        self.beta = float(drp_beta)
-        self.scale = float(drp_scale)
+    def __init__(self, settings: Optional[DRPSettings] = None, *, num_classes: Optional[int] = None, seed: int = 0):
+        self.settings = settings if settings is not None else self.Settings()
+        self.dim = int(self.settings.dim)
+        self.margin = float(self.settings.margin)
+        self.beta = float(self.settings.beta)
+        self.scale = float(self.settings.scale)
         self.seed = int(seed)
         self.prototypes: Optional[torch.Tensor] = None  # (C, D), unit rows, on CPU
         self.min_distance: Optional[float] = None  # achieved minimum pairwise prototype distance
@@ -186,8 +200,9 @@ class DRPAT(DRP):
     name = "drp_at"
     adversarial = True
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, norm: str = "Linf", **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, settings: Optional[DRPSettings] = None, *, num_classes: Optional[int] = None, seed: int = 0,
+                 eps: float = 0.1, steps: int = 7, norm: str = "Linf"):
+        super().__init__(settings, num_classes=num_classes, seed=seed)
         check_train_budget(eps, norm)
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")

@@ -1,6 +1,6 @@
 """`saturated`: a gradient-masking CONTROL for the evaluation and the search, never a defense.
 
-Ordinary cross-entropy training; the decision function multiplies the logits by `saturation_scale`
+Ordinary cross-entropy training; the decision function multiplies the logits by `scale` (`train.method_args.saturated.scale`)
 (default 1000). This is the failure mode of defensive distillation (Carlini & Wagner 2016,
 "Defensive Distillation is Not Robust to Adversarial Examples"): with large logits the softmax
 saturates, the cross-entropy input gradient of every confidently classified point underflows to
@@ -13,12 +13,15 @@ rayrobust uses it to show that the sanity flags (`zero_gradients`) and the searc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import METHODS, Method
+from .base import METHODS, Method, MethodSettings
 
 
 class ScaledLogits(nn.Module):
@@ -33,16 +36,25 @@ class ScaledLogits(nn.Module):
         return self.model(x) * self.scale
 
 
+@dataclass
+class SaturatedSettings(MethodSettings):
+    scale: float = 1000.0  # decision logits x this factor (gradient masking on purpose)
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ConfigError(f"scale={self.scale} must be > 0 (e.g. 1000)")
+
+
 @METHODS.register("saturated")
 class Saturated(Method):
-    """Cross-entropy training; decision logits multiplied by `saturation_scale` (a masking control)."""
+    """Cross-entropy training; decision logits multiplied by `scale` (a masking control)."""
 
     name = "saturated"
+    Settings = SaturatedSettings
 
-    def __init__(self, saturation_scale: float = 1000.0, **_):
-        if not saturation_scale > 0:
-            raise ConfigError(f"saturation_scale={saturation_scale} must be > 0 (e.g. 1000)")
-        self.scale = float(saturation_scale)
+    def __init__(self, settings: Optional[SaturatedSettings] = None):
+        self.settings = settings if settings is not None else self.Settings()
+        self.scale = float(self.settings.scale)
 
     def loss(self, model, x, y):
         logits = model(x)

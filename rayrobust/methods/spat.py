@@ -16,13 +16,14 @@ Evaluation uses the unmasked threat model: the decision function is the model it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import METHODS
+from .base import METHODS, MethodSettings
 from .baselines import _Adversarial, _accuracy
 from .perturb import attack_mode, ce_objective, train_pgd
 
@@ -77,21 +78,31 @@ def saliency_weights(model: torch.nn.Module, x: torch.Tensor, w_min: float, num_
     return (w_min + (1 - w_min) * _minmax(score, dims)).detach()
 
 
+@dataclass
+class SPATSettings(MethodSettings):
+    weights: str = "fisher"  # the shared-pixel weight map: fisher (data-level) or saliency (per sample)
+    w_min: float = 0.5  # budget fraction of the most class-specific pixels, in (0, 1]
+
+    def __post_init__(self) -> None:
+        if self.weights not in SPAT_WEIGHTS:
+            raise ConfigError(f"weights={self.weights!r} must be one of: {', '.join(SPAT_WEIGHTS)}")
+        if not 0 < self.w_min <= 1:
+            raise ConfigError(f"w_min={self.w_min} must be in (0, 1] (the budget fraction of the most "
+                              "class-specific pixels; e.g. 0.5)")
+
+
 @METHODS.register("spat")
 class SPAT(_Adversarial):
     """SPAT-style PGD-AT: CE on PGD-k examples whose steps and random start are scaled by a shared-pixel map."""
 
     name = "spat"
+    Settings = SPATSettings
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, spat_weights: str = "fisher", spat_w_min: float = 0.5,
-                 norm: str = "Linf", **_):
-        super().__init__(eps=eps, steps=steps, norm=norm)
-        if spat_weights not in SPAT_WEIGHTS:
-            raise ConfigError(f"spat_weights={spat_weights!r} must be one of {', '.join(SPAT_WEIGHTS)}")
-        if not 0 < spat_w_min <= 1:
-            raise ConfigError(f"spat_w_min={spat_w_min} must be in (0, 1] (the budget fraction of the most class-specific pixels)")
-        self.weights = spat_weights
-        self.w_min = float(spat_w_min)
+    def __init__(self, settings: Optional[SPATSettings] = None, *, eps: float = 0.1, steps: int = 7,
+                 norm: str = "Linf"):
+        super().__init__(settings, eps=eps, steps=steps, norm=norm)
+        self.weights = self.settings.weights
+        self.w_min = float(self.settings.w_min)
         self.weight: Optional[torch.Tensor] = None  # fisher map (1,C,H,W), on CPU
         self._cache: Dict[torch.device, torch.Tensor] = {}
 

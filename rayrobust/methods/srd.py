@@ -6,7 +6,7 @@ Training (§1.5). With g_f the latent (`forward_features`) and g the logits of t
     k*(x, y) = argmin_{k : class(k) = y} Σ_j (g_f(x)_j − μ_kj)² / σ²_kj        (clean latent, current g)
     L        = CE(g(x_adv), y) + λ · (1/d) ‖(g_f(x_adv) − μ_k*) / σ_k*‖²        (mean over the batch)
 
-x_adv comes from PGD on the same L (random start, `attack_steps` steps of 2.5·eps/k). λ = `srd_lambda`.
+x_adv comes from PGD on the same L (random start, `attack_steps` steps of 2.5·eps/k). λ = `train.method_args.srd.latent_weight`.
 Our choices: the constraint is divided by d (a mean over latent dimensions, so λ does not scale with
 the latent width); k* is recomputed from the current g on every batch (the clusters stay fixed) with
 the clusters' own variances, as the purifier picks its cluster; in the constraint, σ²_k is floored at
@@ -32,6 +32,7 @@ naming the missing stage.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .base import METHODS, Method
+from .base import METHODS, Method, MethodSettings
 from .baselines import _accuracy
 from .perturb import attack_mode, check_train_budget, train_pgd
 
@@ -73,27 +74,37 @@ class _LogitsAndLatent(nn.Module):
         return self.model.forward_head(z), z
 
 
+@dataclass
+class SRDSettings(MethodSettings):
+    latent_weight: float = 0.1  # λ of the latent constraint (1/d)||(g_f(x_adv) - mu_k*)/sigma_k*||^2
+    fista_iters: Optional[int] = None  # purifier FISTA iterations, deployed and attacked (None = the dictionaries')
+
+    def __post_init__(self) -> None:
+        if not self.latent_weight >= 0:
+            raise ConfigError(f"latent_weight={self.latent_weight} must be >= 0 (λ of the latent constraint; e.g. 0.1)")
+        if self.fista_iters is not None and self.fista_iters < 1:
+            raise ConfigError(f"fista_iters={self.fista_iters} must be >= 1, or null for the dictionaries' count")
+
+
 @METHODS.register("srd")
 class SRD(Method):
     """Latent-constrained PGD-AT from the source model's weights; purify → classify at inference."""
 
     name = "srd"
+    Settings = SRDSettings
     adversarial = True
     needs_semantic = True  # trained after the semantic stages (pipeline ordering)
     purifies = True  # evaluated with the adaptive purifier protocol (evaluation/adaptive.py)
 
-    def __init__(self, eps: float = 0.1, steps: int = 7, srd_lambda: float = 0.1,
-                 srd_fista_iters: Optional[int] = None, norm: str = "Linf", **_):
+    def __init__(self, settings: Optional[SRDSettings] = None, *, eps: float = 0.1, steps: int = 7,
+                 norm: str = "Linf"):
+        self.settings = settings if settings is not None else self.Settings()
         check_train_budget(eps, norm)
         self.norm = norm
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
-        if srd_lambda < 0:
-            raise ConfigError(f"srd_lambda={srd_lambda} must be >= 0 (weight of the latent constraint; e.g. 0.1)")
-        if srd_fista_iters is not None and srd_fista_iters < 1:
-            raise ConfigError(f"srd_fista_iters={srd_fista_iters} must be >= 1 or null (the dictionaries' count)")
-        self.eps, self.steps, self.lam = float(eps), int(steps), float(srd_lambda)
-        self.fista_iters_override = srd_fista_iters
+        self.eps, self.steps, self.lam = float(eps), int(steps), float(self.settings.latent_weight)
+        self.fista_iters_override = self.settings.fista_iters
         self.state: Dict[str, torch.Tensor] = {}
         self._cache: Dict[torch.device, Dict[str, torch.Tensor]] = {}
 

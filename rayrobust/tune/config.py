@@ -3,12 +3,12 @@
 The search space names the knobs of docs/methods.md "Search space"; each has a fixed valid range and
 maps onto the experiment config as follows:
 
-| name               | kind                      | valid range        | methods      | sets                               |
-|--------------------|---------------------------|--------------------|--------------|------------------------------------|
-| `n_clusters`       | int                       | 1..10              | clustr, srd  | `train.clustr_k` and `semantic.k_max` |
-| `repulsion_margin` | float (log by default)    | 0.05..2.0          | drp, drp_at  | `train.repulsion_margin`           |
-| `train_eps`        | float, x `eval.eps`       | 0.5..1.5           | adversarial  | `train.eps = train_eps * eval.eps` |
-| `method`           | categorical               | registered methods | -            | `train.method`                     |
+| name               | kind                   | valid range        | methods     | sets                                              |
+|--------------------|------------------------|--------------------|-------------|---------------------------------------------------|
+| `n_clusters`       | int                    | 1..10              | clustr, srd | `train.method_args.clustr.k` and `semantic.k_max` |
+| `repulsion_margin` | float (log by default) | 0.05..2.0          | drp, drp_at | `train.method_args.<drp or drp_at>.margin`        |
+| `train_eps`        | float, x `eval.eps`    | 0.5..1.5           | adversarial | `train.eps = train_eps * eval.eps`                |
+| `method`           | categorical            | registered methods | -           | `train.method`                                    |
 
 ("adversarial": every method that trains on adversarial examples, `Method.adversarial`; not `standard`,
 `saturated`, `drp` or `clustr`.) A parameter is conditional on the method: a trial is suggested only the

@@ -2,6 +2,7 @@
 the Tune trainable that runs its Ray Train fit and grades every epoch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -15,27 +16,47 @@ from ..errors import ConfigError, RayRobustError
 from ..io import write_json
 from ..layout import CHECKPOINTS
 from ..location import Location
+from ..methods.base import settings_class
 from .config import ConditionalSpace
 from .grading import checkpoint_complete, grade_checkpoint, validation_subset
 
-# What each search parameter sets in a trial's experiment config: (section, field, value from (v, raw config)).
-# n_clusters sets ClusTR's clusters per class and SRD's K_max alike.
+def _field(section: str, key: str, convert):
+    """A SETS target: `<section>.<key>` = convert(value, raw config)."""
+    def put(raw: Dict[str, Any], value: Any, method: str) -> None:
+        raw.setdefault(section, {})[key] = convert(value, raw)
+    return put
+
+
+def _setting(key: str, convert):
+    """A SETS target: `train.method_args.<method>.<key>` = convert(value), for a method whose settings have `key`."""
+    def put(raw: Dict[str, Any], value: Any, method: str) -> None:
+        if key in {f.name for f in dataclasses.fields(settings_class(method))}:
+            args = raw.setdefault("train", {}).setdefault("method_args", {})
+            args.setdefault(method, {})[key] = convert(value)
+    return put
+
+
+# What each search parameter sets in a trial's experiment config (the trial's method decides which method's
+# settings). n_clusters sets ClusTR's clusters per class and SRD's K_max alike.
 SETS: Dict[str, tuple] = {
-    "n_clusters": (("train", "clustr_k", lambda v, raw: int(v)), ("semantic", "k_max", lambda v, raw: int(v))),
-    "repulsion_margin": (("train", "repulsion_margin", lambda v, raw: float(v)),),
-    "train_eps": (("train", "eps", lambda v, raw: float(v) * raw["eval"]["eps"]),),
-    "method": (("train", "method", lambda v, raw: str(v)),),
+    "n_clusters": (_setting("k", int), _field("semantic", "k_max", lambda v, raw: int(v))),
+    "repulsion_margin": (_setting("margin", float),),
+    "train_eps": (_field("train", "eps", lambda v, raw: float(v) * raw["eval"]["eps"]),),
+    "method": (_field("train", "method", lambda v, raw: str(v)),),
 }
 
 
 def apply_params(base: Dict[str, Any], params: Dict[str, Any]) -> ExperimentConfig:
     """The experiment config of one trial: `base` (a config dict) with the search parameters set (`SETS`)."""
     raw = json.loads(json.dumps(base))
+    unknown = [name for name in params if name not in SETS]
+    if unknown:
+        raise ConfigError(f"unknown search parameter {unknown[0]!r}; valid parameters: {', '.join(SETS)}")
+    method = str(params.get("method", raw.get("train", {}).get("method", "pgd_at")))
+    settings_class(method)  # an unknown method is a one-line error here
     for name, value in params.items():
-        if name not in SETS:
-            raise ConfigError(f"unknown search parameter {name!r}; valid parameters: {', '.join(SETS)}")
-        for section, key, convert in SETS[name]:
-            raw.setdefault(section, {})[key] = convert(value, raw)
+        for put in SETS[name]:
+            put(raw, value, method)
     return config_from_dict(raw)
 
 
@@ -65,6 +86,9 @@ class Trial(Trainable):
         self.params = dict(config)
         self.cfg = cfg = apply_params(base, self.params)
         self.tdir = Location(run_dir) / "trials" / self.trial_id
+        stale = self.tdir / STOP_FILE
+        if stale.exists():  # a stop of an earlier run of this trial (a search resumed after its driver stopped)
+            stale.delete()
         write_json(self.tdir / "params.json", {"trial_id": self.trial_id, "params": self.params, "config": cfg.to_dict()})
         self.x, self.y = validation_subset(cfg)
         self.epoch = 0
