@@ -60,6 +60,9 @@ class Method:
     certifiable = False  # `rayrobust.certify` applies: the evaluation adds the certificate and its attack check
     needs_semantic = False  # trained after a pipeline's semantic stages (extract, cluster, dictionaries)
 
+    def __init__(self, settings: Optional[MethodSettings] = None):
+        self.settings = settings if settings is not None else self.Settings()
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """(scalar loss with gradient, metrics): metric values are detached 0-d tensors on the batch's device
         (or floats), so a training step needs no host-device sync; the loop averages them once per epoch."""

@@ -22,7 +22,7 @@ class _Adversarial(Method):
 
     def __init__(self, settings: Optional[MethodSettings] = None, *, eps: float = 0.1, steps: int = 7,
                  norm: str = "Linf", attack_step: Optional[float] = None):
-        self.settings = settings if settings is not None else self.Settings()
+        super().__init__(settings)
         check_train_budget(eps, norm)
         if steps < 1:
             raise ConfigError(f"steps={steps} must be >= 1")
@@ -40,9 +40,6 @@ class Standard(Method):
     """Cross-entropy on clean data."""
 
     name = "standard"
-
-    def __init__(self, settings: Optional[MethodSettings] = None):
-        self.settings = settings if settings is not None else self.Settings()
 
     def loss(self, model, x, y):
         logits = model(x)

@@ -40,7 +40,7 @@ The ℓ2 certificate of a ClusTR model is in `rayrobust.certify`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class ClusTR(Method):
 
     def __init__(self, settings: Optional[ClusTRSettings] = None, *, num_classes: Optional[int] = None,
                  seed: int = 0):
-        self.settings = settings if settings is not None else self.Settings()
+        super().__init__(settings)
         self.k = int(self.settings.k)
         self.alpha = float(self.settings.alpha)
         self.seed = int(seed)

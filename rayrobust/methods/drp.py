@@ -122,7 +122,7 @@ class DRP(Method):
     Settings = DRPSettings
 
     def __init__(self, settings: Optional[DRPSettings] = None, *, num_classes: Optional[int] = None, seed: int = 0):
-        self.settings = settings if settings is not None else self.Settings()
+        super().__init__(settings)
         self.dim = int(self.settings.dim)
         self.margin = float(self.settings.margin)
         self.beta = float(self.settings.beta)

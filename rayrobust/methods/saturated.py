@@ -53,7 +53,7 @@ class Saturated(Method):
     Settings = SaturatedSettings
 
     def __init__(self, settings: Optional[SaturatedSettings] = None):
-        self.settings = settings if settings is not None else self.Settings()
+        super().__init__(settings)
         self.scale = float(self.settings.scale)
 
     def loss(self, model, x, y):

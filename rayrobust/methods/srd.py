@@ -98,7 +98,7 @@ class SRD(Method):
 
     def __init__(self, settings: Optional[SRDSettings] = None, *, eps: float = 0.1, steps: int = 7,
                  norm: str = "Linf"):
-        self.settings = settings if settings is not None else self.Settings()
+        super().__init__(settings)
         check_train_budget(eps, norm)
         self.norm = norm
         if steps < 1:
