@@ -25,8 +25,6 @@ class MethodSettings:
     settings of their own)."""
 
 
-
-
 class Method:
     """A training objective, plus (where it changes inference) the decision function to attack.
 
